@@ -1,0 +1,152 @@
+"""Plain settings objects for the model, the engine and the server.
+
+No torch import here: the CLI, the server edge and the trainer read these before any heavy
+import, and they serialise (names, not classes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: HF `model_type` values whose decoder layer is the Llama shape Quiver implements
+#: (RMSNorm, rotary, grouped-query attention, SwiGLU MLP; Qwen2 adds q/k/v bias).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+#: Rotary scaling types whose frequency table is fixed at load time (runtime/nn/rotary.py).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class UnsupportedModelError(ValueError):
+    """The base model directory holds something Quiver cannot run; the message says what."""
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a Llama-family decoder, read from an HF `config.json`."""
+
+    architecture: str  # HF model_type: llama | mistral | qwen2
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    mlp_bias: bool = False
+    rope_theta: float = 10000.0
+    #: HF rope scaling parameters (`rope_scaling` in transformers 4, `rope_parameters` in 5),
+    #: normalised so that `rope_type` is always present.
+    rope_scaling: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
+    sliding_window: int | None = None  # Mistral: attend to the last N keys only
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    name: str = ""  # where the base came from (a path or the embedded model's name)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {self.architecture!r}: Quiver runs "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama-family) models"
+            )
+        rope_type = self.rope_scaling.get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"unsupported rope scaling type {rope_type!r}: supported are "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+        self.eos_token_ids = tuple(self.eos_token_ids)
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of one key (or value) row over all KV heads."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each per-layer projection, keyed by HF leaf name."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def linear_module_names(self) -> list[str]:
+        """Full HF module names of every decoder projection, e.g. `model.layers.0.self_attn.q_proj`."""
+        names = []
+        for layer in range(self.num_layers):
+            for leaf in self.linear_shapes():
+                parent = "self_attn" if leaf in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                names.append(f"model.layers.{layer}.{parent}.{leaf}")
+        return names
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], name: str = "") -> "ModelConfig":
+        """Read an HF config.json dict (transformers 4 or 5 spelling)."""
+        arch = d.get("model_type", "")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            archs = d.get("architectures") or [arch]
+            raise UnsupportedModelError(
+                f"unsupported architecture {arch!r} ({', '.join(map(str, archs))}): Quiver runs "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama-family) models"
+            )
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        num_heads = d["num_attention_heads"]
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        sliding = d.get("sliding_window") if d.get("use_sliding_window", arch == "mistral") else None
+        return cls(
+            architecture=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=d.get("num_key_value_heads") or num_heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v bias (transformers hard-codes it); others say so in config.
+            attention_bias=arch == "qwen2" or bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            rope_theta=rope_theta,
+            rope_scaling=rope,
+            sliding_window=sliding,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=d.get("pad_token_id"),
+            name=name,
+        )
+
+
+@dataclass
+class QuantConfig:
+    """How the base model's decoder projections are stored (QLoRA recipe by default)."""
+
+    method: str = "nf4"  # nf4 | fp4 | none
+    double_quant: bool = True
+    blocksize: int = 64
+
+    def __post_init__(self) -> None:
+        if self.method not in ("nf4", "fp4", "none"):
+            raise ValueError(f"--quantize must be nf4, fp4 or none, not {self.method!r}")
