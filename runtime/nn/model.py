@@ -1,0 +1,239 @@
+"""Quiver's Llama-family decoder: one implementation for Llama, Mistral, Qwen2 and SmolLM.
+
+    tokens [T] --embed (+ embedding LoRA)--> x [T, hidden]
+    repeat num_layers:
+        x += o_proj(attend(rotate(q_proj(norm(x))), rotate(k_proj(..)), v_proj(..)))
+        x += down_proj(silu(gate_proj(norm(x))) * up_proj(norm(x)))
+    logits = lm_head(norm(x))[logits_rows]
+
+The batch is packed (no padding): `AttentionBatch` says which tokens belong to which sequence and
+where their keys live; `AdapterBatch` says which adapter slot each token uses. Every projection is
+an `AdaptedLinear`: a frozen base (NF4 / FP4 / dense) plus optional per-slot LoRA weights.
+The same modules serve the engine (with a KV cache) and the trainer (without, with autograd).
+Module and parameter names follow HF (`model.layers.0.self_attn.q_proj`), so PEFT module names map
+one to one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import ModelConfig, QuantConfig
+from runtime.nn.adapter_batch import AdapterBatch
+from runtime.nn.attention import AttentionBatch, attend
+from runtime.nn.lora import LoraSlots
+from runtime.nn.quant import make_base_linear
+from runtime.nn.rotary import Rotary, rotate
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen base projection plus optional multi-slot LoRA (`lora` is None until slots exist)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.lora: LoraSlots | None = None
+
+    def forward(self, x: torch.Tensor, ab: AdapterBatch | None) -> torch.Tensor:
+        y = self.base(x)
+        if ab is None or self.lora is None or not ab.has_lora:
+            return y
+        return self.lora(x, y, ab, self.base.bias)
+
+
+class EmbeddingLoraSlots(nn.Module):
+    """LoRA on the token embedding: `E[ids] + scale[s] * (A[s].T[ids] @ B[s].T)`."""
+
+    def __init__(self, vocab: int, hidden: int, num_slots: int, max_rank: int, dtype, device=None):
+        super().__init__()
+        n = num_slots + 1
+        self.A = nn.Parameter(torch.zeros(n, vocab, max_rank, dtype=dtype, device=device),
+                              requires_grad=False)  # [S+1, vocab, r] (A transposed: rows by id)
+        self.B = nn.Parameter(torch.zeros(n, hidden, max_rank, dtype=dtype, device=device),
+                              requires_grad=False)  # [S+1, hidden, r]
+        self.register_buffer("scale", torch.zeros(n, dtype=dtype, device=device))
+
+    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        r = A.shape[0]  # A: [r, vocab], B: [hidden, r]
+        with torch.no_grad():
+            self.reset_slot(slot)
+            self.A[slot, :, :r].copy_(A.T)
+            self.B[slot, :, :r].copy_(B)
+            self.scale[slot] = scale
+
+    def reset_slot(self, slot: int) -> None:
+        with torch.no_grad():
+            self.A[slot].zero_()
+            self.B[slot].zero_()
+            self.scale[slot] = 0
+
+    def forward(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        # ids, slots: [T] -> [T, hidden]
+        a = self.A[slots, ids]  # [T, r]
+        return torch.bmm(self.B[slots], a[:, :, None])[:, :, 0] * self.scale[slots][:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, proj: dict[str, nn.Module]):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj, self.k_proj = AdaptedLinear(proj["q_proj"]), AdaptedLinear(proj["k_proj"])
+        self.v_proj, self.o_proj = AdaptedLinear(proj["v_proj"]), AdaptedLinear(proj["o_proj"])
+
+    def forward(self, x, cos, sin, attn: AttentionBatch, layer: int, ab: AdapterBatch | None):
+        c, T = self.cfg, x.shape[0]
+        q = self.q_proj(x, ab).view(T, c.num_heads, c.head_dim)  # [T, H, hd]
+        k = self.k_proj(x, ab).view(T, c.num_kv_heads, c.head_dim)  # [T, H_kv, hd]
+        v = self.v_proj(x, ab).view(T, c.num_kv_heads, c.head_dim)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        out = attend(attn, layer, q, k, v)  # [T, H, hd]
+        return self.o_proj(out.reshape(T, c.q_dim), ab)
+
+
+class MLP(nn.Module):
+    def __init__(self, proj: dict[str, nn.Module]):
+        super().__init__()
+        self.gate_proj, self.up_proj = AdaptedLinear(proj["gate_proj"]), AdaptedLinear(proj["up_proj"])
+        self.down_proj = AdaptedLinear(proj["down_proj"])
+
+    def forward(self, x, ab: AdapterBatch | None):
+        return self.down_proj(F.silu(self.gate_proj(x, ab)) * self.up_proj(x, ab), ab)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], quant: QuantConfig, dtype):
+        super().__init__()
+        proj = {}
+        for leaf in cfg.linear_shapes():
+            parent = "mlp" if leaf.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn"
+            w = weights.pop(f"{parent}.{leaf}.weight")
+            b = weights.pop(f"{parent}.{leaf}.bias", None)
+            proj[leaf] = make_base_linear(w, b, quant, dtype)
+        self.self_attn = Attention(cfg, proj)
+        self.mlp = MLP(proj)
+        self.input_layernorm = RMSNorm(weights.pop("input_layernorm.weight").to(dtype), cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(
+            weights.pop("post_attention_layernorm.weight").to(dtype), cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn: AttentionBatch, layer: int, ab: AdapterBatch | None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, layer, ab)
+        return x + self.mlp(self.post_attention_layernorm(x), ab)
+
+
+class _Body(nn.Module):
+    """Holds `embed_tokens`, `layers`, `norm` under the HF name `model`."""
+
+    def __init__(self, cfg, weights, quant, dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding.from_pretrained(weights.pop("model.embed_tokens.weight").to(dtype))
+        self.layers = nn.ModuleList()
+        for i in range(cfg.num_layers):
+            prefix = f"model.layers.{i}."
+            own = {k[len(prefix):]: weights.pop(k) for k in [k for k in weights if k.startswith(prefix)]}
+            self.layers.append(DecoderLayer(cfg, own, quant, dtype))
+            if own:
+                raise ValueError(f"unexpected tensors in layer {i}: {sorted(own)}")
+        self.norm = RMSNorm(weights.pop("model.norm.weight").to(dtype), cfg.rms_norm_eps)
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor],
+                 quant: QuantConfig | None = None, dtype: torch.dtype = torch.float32):
+        """Build from an HF state dict (consumed). Decoder projections are quantized per `quant`."""
+        super().__init__()
+        quant = quant or QuantConfig()
+        weights = dict(weights)
+        self.cfg, self.quant, self.dtype = cfg, quant, dtype
+        self.model = _Body(cfg, weights, quant, dtype)
+        lm_head = weights.pop("lm_head.weight", None)
+        if cfg.tie_word_embeddings or lm_head is None:
+            self.lm_head_weight = self.model.embed_tokens.weight  # tied: one tensor
+        else:
+            self.lm_head_weight = nn.Parameter(lm_head.to(dtype), requires_grad=False)
+        leftover = [k for k in weights if not k.endswith("rotary_emb.inv_freq")]
+        if leftover:
+            raise ValueError(f"unexpected tensors in the base model: {sorted(leftover)[:10]}")
+        self.rotary = Rotary(cfg)
+        self.embed_lora: EmbeddingLoraSlots | None = None
+        self.requires_grad_(False)
+
+    # ---- adapter slots -----------------------------------------------------------------------
+    def adapted_linears(self) -> dict[str, AdaptedLinear]:
+        """Every decoder projection by its HF module name."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, AdaptedLinear)}
+
+    def allocate_lora_slots(self, num_slots: int, max_rank: int, targets: set[str] | None = None,
+                            embedding: bool = False) -> None:
+        """Preallocate LoRA slot tensors on every projection (or the leaf names in `targets`)."""
+        dev = self.model.norm.weight.device
+        for name, lin in self.adapted_linears().items():
+            if targets is None or name.rsplit(".", 1)[-1] in targets:
+                lin.lora = LoraSlots(lin.base.in_features, lin.base.out_features, num_slots,
+                                     max_rank, self.dtype, dev)
+        if embedding:
+            self.embed_lora = EmbeddingLoraSlots(self.cfg.vocab_size, self.cfg.hidden_size,
+                                                 num_slots, max_rank, self.dtype, dev)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor, ab: AdapterBatch | None) -> torch.Tensor:
+        x = self.model.embed_tokens(tokens)  # [T, hidden]
+        if ab is not None and ab.any_embedding and self.embed_lora is not None:
+            x = x + self.embed_lora(tokens, ab.token_slots).to(x.dtype)
+        return x
+
+    def forward(self, tokens: torch.Tensor | None, positions: torch.Tensor, attn: AttentionBatch,
+                adapters: AdapterBatch | None = None, logits_rows: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """tokens/positions: [T] -> logits [len(logits_rows) or T, vocab].
+
+        `inputs_embeds` [T, hidden] replaces the embedding lookup (virtual tokens in training).
+        """
+        attn.prepare(self.cfg.sliding_window)
+        x = self.embed(tokens, adapters) if inputs_embeds is None else inputs_embeds
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, attn, i, adapters)
+        if logits_rows is not None:
+            x = x[logits_rows]
+        x = self.model.norm(x)
+        if return_hidden:
+            return x
+        return F.linear(x, self.lm_head_weight)
+
+    @torch.no_grad()
+    def virtual_token_kv(self, embeds: torch.Tensor) -> torch.Tensor:
+        """KV of N virtual-token embeddings at positions 0..N-1: [L, 2, H_kv, N, hd].
+
+        Causal attention makes this the same for every request of a prompt-tuning adapter, so it
+        is computed once at load and written in front of each request's own tokens.
+        """
+        n = embeds.shape[0]
+        attn = AttentionBatch.without_cache([n])
+        attn.capture = []
+        self.forward(None, torch.arange(n, device=embeds.device), attn,
+                     inputs_embeds=embeds.to(self.dtype), logits_rows=torch.tensor([n - 1]))
+        k = torch.stack([k for k, _ in attn.capture])  # [L, N, H_kv, hd]
+        v = torch.stack([v for _, v in attn.capture])
+        return torch.stack([k, v], dim=1).permute(0, 1, 3, 2, 4).contiguous()  # [L, 2, H_kv, N, hd]
+
+    def base_bytes(self) -> dict[str, int]:
+        """Resident bytes of the base: quantized projections vs everything else."""
+        proj = sum(t.numel() * t.element_size() for lin in self.adapted_linears().values()
+                   for t in lin.base.state_dict().values())
+        other = sum(p.numel() * p.element_size() for n, p in self.named_parameters()
+                    if ".lora." not in n and not n.startswith("embed_lora"))
+        return {"projections": proj, "other": other}
