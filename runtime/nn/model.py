@@ -169,24 +169,28 @@ class DecoderModel(nn.Module):
             raise ValueError(f"unexpected tensors in the base model: {sorted(leftover)[:10]}")
         self.rotary = Rotary(cfg)
         self.embed_lora: EmbeddingLoraSlots | None = None
+        self.num_slots, self.max_rank = 0, 0
+        self._linears = {n: m for n, m in self.named_modules() if isinstance(m, AdaptedLinear)}
         self.requires_grad_(False)
 
     # ---- adapter slots -----------------------------------------------------------------------
     def adapted_linears(self) -> dict[str, AdaptedLinear]:
-        """Every decoder projection by its HF module name."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, AdaptedLinear)}
+        """Every decoder projection by its HF module name (`model.layers.0.mlp.up_proj`)."""
+        return self._linears
 
-    def allocate_lora_slots(self, num_slots: int, max_rank: int, targets: set[str] | None = None,
-                            embedding: bool = False) -> None:
+    def allocate_lora_slots(self, num_slots: int, max_rank: int, targets: set[str] | None = None) -> None:
         """Preallocate LoRA slot tensors on every projection (or the leaf names in `targets`)."""
+        self.num_slots, self.max_rank = num_slots, max_rank
         dev = self.model.norm.weight.device
         for name, lin in self.adapted_linears().items():
             if targets is None or name.rsplit(".", 1)[-1] in targets:
                 lin.lora = LoraSlots(lin.base.in_features, lin.base.out_features, num_slots,
                                      max_rank, self.dtype, dev)
-        if embedding:
-            self.embed_lora = EmbeddingLoraSlots(self.cfg.vocab_size, self.cfg.hidden_size,
-                                                 num_slots, max_rank, self.dtype, dev)
+
+    def allocate_embedding_slots(self) -> None:
+        """Embedding-LoRA tables ([S+1, vocab, r]) are large: made only once an adapter needs them."""
+        self.embed_lora = EmbeddingLoraSlots(self.cfg.vocab_size, self.cfg.hidden_size, self.num_slots,
+                                             self.max_rank, self.dtype, self.model.norm.weight.device)
 
     # ---- forward -----------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor, ab: AdapterBatch | None) -> torch.Tensor:
