@@ -35,8 +35,10 @@ class ModelConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
-    mlp_bias: bool = False
+    #: Bias on the q/k/v projections: always in Qwen2; in Llama when its config says so, and then
+    #: on o_proj too (see `o_proj_bias`). Mistral has none.
+    attention_bias: bool = False
+    mlp_bias: bool = False  # bias on gate/up/down (Llama's `mlp_bias`; never in Mistral/Qwen2)
     rope_theta: float = 10000.0
     #: HF rope scaling parameters (`rope_scaling` in transformers 4, `rope_parameters` in 5),
     #: normalised so that `rope_type` is always present.
@@ -75,6 +77,11 @@ class ModelConfig:
     def q_dim(self) -> int:
         return self.num_heads * self.head_dim
 
+    @property
+    def o_proj_bias(self) -> bool:
+        """Llama's `attention_bias` also puts a bias on o_proj; Qwen2's q/k/v bias does not."""
+        return self.attention_bias and self.architecture == "llama"
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each per-layer projection, keyed by HF leaf name."""
         h, i = self.hidden_size, self.intermediate_size
@@ -108,12 +115,13 @@ class ModelConfig:
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama-family) models"
             )
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
+        # transformers 5 keeps rope_theta inside rope_parameters; 4 kept it top-level (and 5's
+        # to_dict() writes a top-level `"rope_theta": null`, so `or` rather than a .get default).
+        rope_theta = float(rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0)
         rope.setdefault("rope_type", rope.pop("type", "default"))
         num_heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        sliding = d.get("sliding_window") if d.get("use_sliding_window", arch == "mistral") else None
         return cls(
             architecture=arch,
             vocab_size=d["vocab_size"],
@@ -126,17 +134,48 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v bias (transformers hard-codes it); others say so in config.
-            attention_bias=arch == "qwen2" or bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)),
+            # transformers hard-codes these per class: Qwen2 always has q/k/v bias, Mistral never
+            # has any bias, only Llama reads `attention_bias` / `mlp_bias` from its config.
+            attention_bias=arch == "qwen2" or (arch == "llama" and bool(d.get("attention_bias"))),
+            mlp_bias=arch == "llama" and bool(d.get("mlp_bias")),
             rope_theta=rope_theta,
             rope_scaling=rope,
-            sliding_window=sliding,
+            sliding_window=_sliding_window(d, arch),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=d.get("pad_token_id"),
             name=name,
         )
+
+
+def _sliding_window(d: dict[str, Any], arch: str) -> int | None:
+    """The one attention window every layer uses, as transformers 5 reads the config.
+
+    Mistral slides every layer when `sliding_window` is set (its class default is 4096 when the
+    key is absent; Mistral v0.2+ writes null). Qwen2 slides only when `use_sliding_window`, and
+    then only layers >= `max_window_layers` (or as `layer_types` lists): a mix of full and
+    sliding layers is refused, since ModelConfig carries one window for all layers.
+    """
+    if arch == "mistral":
+        return d.get("sliding_window", 4096)
+    if arch != "qwen2":
+        return None
+    window = d.get("sliding_window") if d.get("use_sliding_window") else None
+    num_layers = d["num_hidden_layers"]
+    first_sliding = d.get("max_window_layers", 28)
+    layer_types = d.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= first_sliding else "full_attention"
+        for i in range(num_layers)
+    ]
+    if "sliding_attention" not in layer_types:
+        return None
+    if "full_attention" in layer_types:
+        raise UnsupportedModelError(
+            f"this qwen2 model mixes full-attention and sliding-window layers (sliding_window="
+            f"{window}, max_window_layers={first_sliding}); Quiver applies one window to every "
+            "layer"
+        )
+    return window
 
 
 @dataclass
