@@ -242,6 +242,11 @@ class Engine:
         self.running.append(seq)
         return True
 
+    def fail_running(self, message: str) -> None:
+        """After a failed step: end every running sequence with ERROR and free what it held."""
+        for seq in list(self.running):
+            self._finish(seq, StopReason.ERROR, error=message)
+
     def _fail_waiting(self, seq: Sequence, message: str) -> None:
         self.waiting[seq.req.adapter_id].remove(seq)
         self._finish(seq, StopReason.ERROR, error=message)
@@ -298,7 +303,10 @@ class Engine:
         outcome = seq.stop.step(token, delta)
         info = TokenInfo(token, delta, logprob, top)
         if outcome.stop is not None:
-            self._finish(seq, outcome.stop, text=outcome.emit_text, tokens=[info])
+            text = outcome.emit_text
+            if outcome.stop in (StopReason.MAX_TOKENS, StopReason.TIME_LIMIT):
+                text += seq.detok.finish()  # bytes of a character cut off by the limit
+            self._finish(seq, outcome.stop, text=text, tokens=[info])
         else:
             self._emit(seq, outcome.emit_text, [info])
 

@@ -1,0 +1,116 @@
+"""Driving the engine on its own thread, and handing each request's outputs to its caller.
+
+    gRPC thread:  stream = loop.submit(req)  ->  for out in stream: ...   (or stream.cancel())
+    step thread:  while running: engine.step()  ->  req.on_output(out)  ->  stream buffer
+
+The step thread never blocks on a client: each `RequestStream` buffers at most `max_buffered`
+Outputs, and beyond that folds new ones into the last (text concatenated, tokens appended), so a
+slow reader costs memory proportional to its text, never a stalled batch.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from runtime.engine.engine import Engine, StepStats
+from runtime.engine.request import GenerationRequest, Output
+
+log = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """The consumer side of one request: iterate for Outputs; the last has finished=True."""
+
+    def __init__(self, loop: "EngineLoop", request_id: str, max_buffered: int = 64):
+        self._loop, self.request_id = loop, request_id
+        self._buf: deque[Output] = deque()
+        self._cond = threading.Condition()
+        self._max = max_buffered
+        self.finished = False
+
+    def push(self, out: Output) -> None:  # engine thread
+        with self._cond:
+            if len(self._buf) >= self._max:
+                last = self._buf[-1]
+                last.text += out.text
+                last.tokens.extend(out.tokens)
+                last.generated_token_count = out.generated_token_count
+                last.finished, last.stop_reason, last.error = out.finished, out.stop_reason, out.error
+                last.first_token_time_s = last.first_token_time_s or out.first_token_time_s
+            else:
+                self._buf.append(out)
+            self._cond.notify_all()
+
+    def get(self, timeout: float | None = None) -> Output | None:
+        """The next Output, or None on timeout."""
+        with self._cond:
+            if not self._buf and not self._cond.wait_for(lambda: bool(self._buf), timeout):
+                return None
+            out = self._buf.popleft()
+            self.finished = self.finished or out.finished
+            return out
+
+    def __iter__(self):
+        while not self.finished:
+            out = self.get(timeout=1.0)
+            if out is not None:
+                yield out
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self._loop.engine.cancel(self.request_id)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, on_step=None, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self.on_step = on_step  # callback(StepStats) after every non-empty step (metrics)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._idle_wait = idle_wait_s
+        self.accepting = True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="quiver-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: GenerationRequest, max_buffered: int = 64) -> RequestStream:
+        if not self.accepting:
+            raise RuntimeError("the server is shutting down")
+        stream = RequestStream(self, req.request_id, max_buffered)
+        req.on_output = stream.push
+        self.engine.add(req)
+        self._wake.set()
+        return stream
+
+    def drain(self, timeout_s: float) -> bool:
+        """Stop intake, wait until in-flight requests finish (True) or the timeout passes."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout_s
+        while self.engine.has_work() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self.engine.has_work()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.has_work():
+                self._wake.wait(self._idle_wait)
+                self._wake.clear()
+                continue
+            try:
+                stats: StepStats = self.engine.step()
+            except Exception:  # noqa: BLE001 - a failed step fails its requests, not the server
+                log.exception("engine step failed; failing the requests in that batch")
+                self.engine.fail_running("internal error in the engine step (see server log)")
+                continue
+            if self.on_step is not None and stats.rows:
+                self.on_step(stats)
