@@ -148,3 +148,24 @@ def _tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(make_tiny_tokenizer(tmp_path / "tok")))
+
+
+def test_random_mixes_equal_solo(stack):
+    """Property: any mix of adapters (any type, any rank and targets) and lengths, batched,
+    equals each row run alone."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    names = list(CASES) + [""]
+    rows_st = st.lists(st.tuples(st.sampled_from(names), st.integers(1, 9), st.integers(0, 2**16)),
+                       min_size=1, max_size=10)
+
+    @settings(max_examples=15, deadline=None)
+    @given(rows_st)
+    def check(spec):
+        rows = [(torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed)), name)
+                for name, n, seed in spec]
+        for (ids, name), got in zip(rows, stack.batch_logits(rows)):
+            assert (got - stack.logits(ids, name)).abs().max() <= 1e-4, name
+
+    check()

@@ -1,0 +1,201 @@
+"""Decode step time of Quiver's decoder vs the NF4 floor and transformers, and multi-adapter cost.
+
+    .venv/bin/python -m bench.decode_bench                      # base: batch 1, 8, 32, 128
+    .venv/bin/python -m bench.decode_bench --adapters 64        # + 64 rows over 64 LoRA adapters
+
+Figures (medians over --reps, same run):
+- step:  one decode step of B rows (32-token contexts) through the KV-cache path, incl. metadata
+- floor: the raw bitsandbytes NF4 matmuls of every decoder projection at the same batch
+- hf:    transformers + bitsandbytes `generate` (same NF4 config), time per generated token
+- multi: B rows over B distinct LoRA adapters (r=16, all seven projections) / the same rows on
+         the base, and PEFT's mixed-batch forward (`adapter_names=`) / PEFT's base forward
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from bench.common import machine_line, median_time, table, versions_line
+
+CONTEXT = 32
+
+
+def _quiver(quant: str):
+    from runtime.models.base import load_base
+
+    return load_base(None, quant, "float32", "cpu")
+
+
+def quiver_step_fn(model, batch: int, slots: list[int] | None = None, registry=None):
+    """A closure that runs one decode step for `batch` rows with CONTEXT-token histories."""
+    from runtime.nn.adapter_batch import AdapterBatch
+    from runtime.nn.attention import AttentionBatch
+    from runtime.nn.kv_cache import KVCache, SeqCache
+
+    cache = KVCache(model.cfg, max_tokens=batch * (CONTEXT + 16), dtype=model.dtype)
+    seqs = [SeqCache() for _ in range(batch)]
+    for s in seqs:
+        cache.reserve(s, CONTEXT + 1)
+        s.length = CONTEXT  # history rows (values do not matter for timing)
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch,))
+    positions = torch.full((batch,), CONTEXT)
+
+    def step():
+        with torch.no_grad():
+            attn = AttentionBatch.with_cache(cache, seqs, [1] * batch)
+            ab = None
+            if slots is not None:
+                lora, dora, emb = registry.slot_sets()
+                ab = AdapterBatch.build(slots, [1] * batch, registry.none_slot, lora_slots=lora)
+            return model(tokens, positions, attn, ab).argmax(-1)
+
+    return step
+
+
+def floor_fn(model, batch: int):
+    """All NF4 projection matmuls of one decode step, nothing else."""
+    import bitsandbytes as bnb
+
+    linears = [lin.base for lin in model.adapted_linears().values()]
+    xs = {lin.in_features: torch.randn(batch, lin.in_features) for lin in linears}
+
+    def run():
+        with torch.no_grad():
+            for lin in linears:
+                bnb.matmul_4bit(xs[lin.in_features], lin.weight, quant_state=lin.quant_state)
+
+    return run
+
+
+def hf_nf4_model():
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from runtime.models.embedded import embedded_model_dir
+
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(embedded_model_dir()), quantization_config=cfg,
+                                                device_map="cpu", dtype=torch.float32).eval()
+
+
+def hf_step_time(hf, batch: int, reps: int) -> float:
+    ids = torch.randint(100, 1000, (batch, CONTEXT))
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def gen(n):
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **kw)
+
+    t1 = median_time(lambda: gen(1), reps)
+    t9 = median_time(lambda: gen(9), reps)
+    return (t9 - t1) / 8
+
+
+def base_rows(args, base, hf) -> list[list[object]]:
+    rows = []
+    for b in args.batches:
+        step = median_time(quiver_step_fn(base.model, b), args.reps)
+        floor = median_time(floor_fn(base.model, b), args.reps)
+        hf_t = hf_step_time(hf, b, max(1, args.reps // 2)) if hf is not None else float("nan")
+        rows.append([b, step * 1e3, floor * 1e3, step / floor, hf_t * 1e3, hf_t / step])
+        print(f"batch {b}: step {step*1e3:.1f} ms, floor {floor*1e3:.1f} ms, hf {hf_t*1e3:.1f} ms",
+              file=sys.stderr)
+    return rows
+
+
+def random_lora_dir(root, i: int, cfg, rank: int = 16) -> str:
+    """A PEFT-format LoRA (all seven projections) with random weights, via Quiver's writer."""
+    from runtime.adapters.peft_format import write_adapter
+
+    g = torch.Generator().manual_seed(i)
+    tensors = {}
+    for name in cfg.linear_module_names():
+        leaf = name.rsplit(".", 1)[-1]
+        fan_in, fan_out = cfg.linear_shapes()[leaf]
+        key = f"base_model.model.{name}"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.02
+        tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.02
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+              "target_modules": sorted(cfg.linear_shapes()), "lora_dropout": 0.0, "bias": "none"}
+    path = f"{root}/lora-{i}"
+    write_adapter(path, config, tensors)
+    return path
+
+
+def multi_rows(args, base, hf) -> list[list[object]]:
+    import tempfile
+
+    from runtime.adapters.peft_format import read_adapter
+    from runtime.adapters.registry import AdapterRegistry
+
+    n = args.adapters
+    reg = AdapterRegistry(base.model, num_slots=n, max_rank=16)
+    with tempfile.TemporaryDirectory() as root:
+        paths = [random_lora_dir(root, i, base.config) for i in range(n)]
+        for i, p in enumerate(paths):
+            reg.add(f"a{i}", read_adapter(p, base.config, max_rank=16))
+        slots = [reg.acquire(f"a{i}")[0] for i in range(n)]
+        multi = median_time(quiver_step_fn(base.model, n, slots, reg), args.reps)
+        plain = median_time(quiver_step_fn(base.model, n), args.reps)
+        rows = [["quiver", n, multi * 1e3, plain * 1e3, plain / multi]]
+        if hf is not None:
+            rows.append(peft_row(hf, paths, args.reps))
+    return rows
+
+
+def peft_row(hf, paths: list[str], reps: int) -> list[object]:
+    import warnings
+
+    from peft import PeftModel
+    from transformers import DynamicCache
+
+    warnings.simplefilter("ignore")
+    pm = PeftModel.from_pretrained(hf, paths[0], adapter_name="a0")
+    for i, p in enumerate(paths[1:], 1):
+        pm.load_adapter(p, adapter_name=f"a{i}")
+    n = len(paths)
+    names = [f"a{i}" for i in range(n)]
+    ids = torch.randint(100, 1000, (n, CONTEXT))
+    with torch.no_grad():
+        out = pm(input_ids=ids, use_cache=True, adapter_names=names)
+    past = out.past_key_values
+    step_ids = torch.randint(100, 1000, (n, 1))
+
+    def step(adapter_names):
+        def run():
+            cache = DynamicCache.from_legacy_cache(past.to_legacy_cache()) if hasattr(past, "to_legacy_cache") else past
+            with torch.no_grad():
+                pm(input_ids=step_ids, past_key_values=cache, use_cache=True, adapter_names=adapter_names)
+        return run
+
+    multi = median_time(step(names), reps)
+    plain = median_time(step(["__base__"] * n), reps)
+    return ["peft", n, multi * 1e3, plain * 1e3, plain / multi]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--adapters", type=int, default=0, help="rows/adapters for the multi-adapter run")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-hf", action="store_true", help="skip transformers / PEFT peers")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    base = _quiver("nf4")
+    hf = None if args.no_hf else hf_nf4_model()
+    print(f"\n{machine_line()}; {versions_line()}\n")
+    print("Decode step, embedded model, NF4 + double quant, fp32 compute, 32-token contexts (ms):\n")
+    print(table(["batch", "quiver step", "NF4 floor", "step/floor", "transformers", "transformers/quiver"],
+                base_rows(args, base, hf)))
+    if args.adapters:
+        print(f"\nDecode step, {args.adapters} rows over {args.adapters} distinct LoRA adapters "
+              "(r=16, all 7 projections) vs the same rows on the base (ms):\n")
+        print(table(["system", "rows", "multi-adapter", "base", "base/multi (x of base)"],
+                    multi_rows(args, base, hf)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
