@@ -189,3 +189,46 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.method not in ("nf4", "fp4", "none"):
             raise ValueError(f"--quantize must be nf4, fp4 or none, not {self.method!r}")
+
+
+@dataclass
+class ServerConfig:
+    """Everything `quiver serve` is told (runtime/server/serve_cli.py maps flags 1:1 onto this)."""
+
+    # ---- base model
+    model: str | None = None  # HF directory; None = the embedded SmolLM2-135M-Instruct
+    quantize: str = "nf4"  # nf4 | fp4 | none
+    dtype: str | None = None  # None = bfloat16 where native, else float32
+    device: str = "auto"
+    # ---- network
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8033  # gRPC; 0 = any free port
+    metrics_port: int | None = 9090  # Prometheus /metrics; None = off, 0 = any free port
+    grpc_workers: int = 256  # concurrent RPCs served; beyond it gRPC answers RESOURCE_EXHAUSTED
+    # ---- adapters
+    adapter_dir: str | None = None  # lazy loading of <adapter-dir>/<id>; a LoadAdapter root
+    allow_adapter_roots: list[str] = field(default_factory=list)  # more LoadAdapter source roots
+    preload: list[str] = field(default_factory=list)  # ids loaded from adapter_dir at start-up
+    max_device_adapters: int = 16  # device slots
+    max_lora_rank: int = 16  # slot rank: larger LoRA ranks are refused at load
+    adapter_load_timeout_s: float = 120.0  # a request waiting on a lazy load gives up after this
+    # ---- engine
+    max_batch_tokens: int = 512
+    max_running: int = 64
+    kv_cache_tokens: int = 32768
+    max_queue: int = 512  # waiting requests; beyond it Generate is RESOURCE_EXHAUSTED
+    max_new_tokens: int = 4096  # cap per request
+    # ---- lifecycle and metrics
+    grace_period_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+    metrics_max_adapter_labels: int = 64
+
+    def __post_init__(self) -> None:
+        QuantConfig(self.quantize)  # validates the name
+        for name in ("max_device_adapters", "max_lora_rank", "max_batch_tokens", "max_running",
+                     "kv_cache_tokens", "max_new_tokens", "grpc_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_queue < 0 or self.grace_period_s < 0:
+            raise ValueError("--max-queue and --grace-period must be >= 0")
+        if self.preload and not self.adapter_dir:
+            raise ValueError("--preload needs --adapter-dir (ids are read from <adapter-dir>/<id>)")

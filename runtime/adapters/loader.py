@@ -32,13 +32,23 @@ class AdapterLoader:
         self.on_loaded = on_loaded  # callback(adapter_id, adapter, seconds)
         self.on_failed = on_failed  # callback(adapter_id, exception)
 
-    def load(self, adapter_id: str, source: str | None = None) -> Future:
-        """Start loading `adapter_id` from `source` (default: <adapter-dir>/<id>)."""
+    def load(self, adapter_id: str, source: str | None = None, reload: bool = True) -> Future:
+        """Start loading `adapter_id` from `source` (default: <adapter-dir>/<id>).
+
+        reload=False (lazy loading): an id that is already registered is not read again. The
+        check happens under the same lock as the in-flight lookup, and a load registers before it
+        leaves the in-flight table, so two requests racing for a new id never load it twice (a
+        second load would find the first one's requests in flight and fail as busy).
+        """
         path = self.store.check_source(source) if source else self.store.path_for_id(adapter_id)
         with self._lock:
             fut = self._inflight.get(adapter_id)
             if fut is not None:
                 return fut
+            if not reload and self.registry.contains(adapter_id):
+                done: Future = Future()
+                done.set_result(None)
+                return done
             self.registry.mark_loading(adapter_id, True)
             fut = self._pool.submit(self._load, adapter_id, str(path))
             self._inflight[adapter_id] = fut
@@ -46,9 +56,7 @@ class AdapterLoader:
 
     def ensure(self, adapter_id: str, timeout: float | None = None) -> None:
         """Make sure `adapter_id` is registered, loading it lazily from the adapter dir."""
-        if self.registry.contains(adapter_id):
-            return
-        self.load(adapter_id).result(timeout)
+        self.load(adapter_id, reload=False).result(timeout)
 
     def _load(self, adapter_id: str, path: str) -> None:
         t0 = time.monotonic()

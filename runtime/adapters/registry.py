@@ -3,14 +3,17 @@
     host:   id -> Adapter   (parsed and validated once; tensors on CPU)
     device: slot -> id      (at most `num_slots`; weights copied into the model's slot tensors)
 
-A request pins its adapter's slot for its whole life (`acquire` / `release`), so a slot used by
-running rows is never overwritten. When a slot is needed and none is free, the least recently
-used *unpinned* adapter goes back to host-only (its slot is reused; nothing is re-read from
-disk). If every slot is pinned, `acquire` raises `NoFreeSlot` and the engine keeps the request
+A request holds two things. A *reference* (`retain` / `unretain`) from the moment the engine
+accepts it until it finishes, queued, running or preempted alike: it keeps the adapter
+registered. A *pin* (`acquire` / `release`) while it is admitted into the running batch: it
+keeps the adapter in its device slot, so a slot used by running rows is never overwritten.
+When a slot is needed and none is free, the least recently used *unpinned* adapter goes back to
+host-only (its slot is reused; nothing is re-read from disk). If every slot is pinned, `acquire` raises `NoFreeSlot` and the engine keeps the request
 waiting until one is released.
 
-Unloading an adapter that still has requests in flight marks it `unloading`: new requests for it
-are refused as unknown, the in-flight ones finish with it, and it is dropped on the last release.
+Unloading an adapter that still has requests in flight (references) marks it `unloading`: new
+requests for it are refused as unknown, the in-flight ones (queued ones included) are still
+admitted and finish with it, and it is dropped when the last reference and pin are gone.
 
 Thread safety: one lock around the bookkeeping. Slot *writes* (device copies) happen inside
 `acquire`, which only the engine's step thread calls, between forwards.
@@ -55,7 +58,8 @@ class Entry:
     loaded_at: float = field(default_factory=time.time)
     slot: int | None = None
     slot_state: SlotState | None = None
-    pins: int = 0
+    pins: int = 0  # requests in the running batch (device slot held)
+    refs: int = 0  # requests accepted and not finished (queued, running or preempted)
     requests_served: int = 0
     unloading: bool = False
 
@@ -77,8 +81,9 @@ class AdapterInfo:
     nbytes: int
     state: AdapterState
     requests_served: int
-    in_flight: int
+    in_flight: int  # requests accepted for it and not finished yet (queued or running)
     source: str
+    use_dora: bool = False
 
 
 class AdapterRegistry:
@@ -102,9 +107,9 @@ class AdapterRegistry:
         """Register a parsed adapter (replacing an idle one with the same id)."""
         with self._lock:
             old = self._entries.get(adapter_id)
-            if old is not None and (old.pins or old.unloading):
-                raise AdapterBusy(f"adapter {adapter_id!r} has {old.pins} requests in flight; "
-                                  "unload it and retry once they finish")
+            if old is not None and (old.pins or old.refs or old.unloading):
+                raise AdapterBusy(f"adapter {adapter_id!r} has {max(old.pins, old.refs)} requests in "
+                                  "flight; unload it and retry once they finish")
             if old is not None:
                 self._drop(old)
             self._entries[adapter_id] = Entry(adapter_id, adapter)
@@ -113,7 +118,7 @@ class AdapterRegistry:
         """Unload. Returns True if dropped now, False if it will go after in-flight requests."""
         with self._lock:
             entry = self._get(adapter_id)
-            if entry.pins:
+            if entry.pins or entry.refs:
                 entry.unloading = True
                 return False
             self._drop(entry)
@@ -132,6 +137,11 @@ class AdapterRegistry:
             e = self._entries.get(adapter_id)
             return e is not None and not e.unloading
 
+    def is_unloading(self, adapter_id: str) -> bool:
+        with self._lock:
+            e = self._entries.get(adapter_id)
+            return e is not None and e.unloading
+
     def get(self, adapter_id: str) -> Adapter:
         with self._lock:
             return self._get(adapter_id).adapter
@@ -146,13 +156,34 @@ class AdapterRegistry:
     def _info(self, e: Entry) -> AdapterInfo:
         a = e.adapter
         return AdapterInfo(e.adapter_id, a.peft_type, a.kind.value, a.rank, a.target_modules,
-                           a.num_virtual_tokens, a.nbytes, e.state, e.requests_served, e.pins, a.source)
+                           a.num_virtual_tokens, a.nbytes, e.state, e.requests_served,
+                           max(e.refs, e.pins), a.source, a.use_dora)
 
     def _get(self, adapter_id: str) -> Entry:
         entry = self._entries.get(adapter_id)
         if entry is None or entry.unloading:
             raise AdapterNotFound(adapter_id)
         return entry
+
+    def retain(self, adapter_id: str) -> Adapter:
+        """Reference the adapter for one accepted request (any thread); AdapterNotFound if it is
+        not registered or is being unloaded. Pair with `unretain` when the request finishes."""
+        with self._lock:
+            entry = self._get(adapter_id)
+            entry.refs += 1
+            return entry.adapter
+
+    def unretain(self, adapter_id: str) -> None:
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None:
+                return
+            entry.refs -= 1
+            self._drop_if_unloaded(entry)
+
+    def _drop_if_unloaded(self, entry: Entry) -> None:
+        if entry.unloading and entry.pins == 0 and entry.refs == 0:
+            self._drop(entry)
 
     def _drop(self, entry: Entry) -> None:
         if entry.slot is not None:
@@ -167,9 +198,14 @@ class AdapterRegistry:
 
     # ---- device side (engine thread) ---------------------------------------------------------
     def acquire(self, adapter_id: str) -> tuple[int, SlotState]:
-        """Pin the adapter on a device slot for one request; copies it in if needed."""
+        """Pin the adapter on a device slot for one request; copies it in if needed.
+
+        An adapter that is `unloading` is still acquired: the request holds a reference from
+        before the unload (the engine retains at intake), and it must finish."""
         with self._lock:
-            entry = self._get(adapter_id)
+            entry = self._entries.get(adapter_id)
+            if entry is None:
+                raise AdapterNotFound(adapter_id)
             if entry.slot is None:
                 slot = self._take_slot()
                 entry.slot_state = write_slot(self.model, slot, entry.adapter)
@@ -186,8 +222,7 @@ class AdapterRegistry:
             if entry is None:
                 return
             entry.pins -= 1
-            if entry.pins == 0 and entry.unloading:
-                self._drop(entry)
+            self._drop_if_unloaded(entry)
 
     def _take_slot(self) -> int:
         if self._free_slots:

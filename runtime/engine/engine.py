@@ -18,6 +18,13 @@ recomputed (prompt + what it generated so far) when room returns. Nothing fails 
 
 The engine is single-threaded: `add` and `cancel` may be called from any thread (they go
 through an inbox); `step` runs on one thread (runtime/engine/loop.py drives it for the server).
+
+Intake (`add`) refuses up front what could never run, so nothing fails later for a reason known
+at the door: an adapter that is not registered (AdapterNotFound), a prompt that with the
+adapter's virtual tokens and max_new_tokens exceeds the context or the KV budget, or token ids
+outside the vocabulary (InvalidParams), a full queue (QueueFull). An accepted request holds a
+reference on its adapter until it finishes (AdapterRegistry.retain), so unloading the adapter
+never strands it, queued or running.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import torch
 
 from runtime.adapters.registry import AdapterNotFound, AdapterRegistry, NoFreeSlot
 from runtime.engine.detokenize import IncrementalDetokenizer
-from runtime.engine.params import StopReason
+from runtime.engine.params import InvalidParams, StopReason
 from runtime.engine.request import GenerationRequest, Output, Phase, Sequence, TokenInfo
 from runtime.engine.sampling import generator_for, sample
 from runtime.engine.stopping import StopChecker
@@ -46,6 +53,11 @@ class EngineConfig:
     max_running: int = 64  # sequences admitted at once
     kv_cache_tokens: int = 32768  # KV budget over all sequences (prefixes included)
     kv_block_size: int = 16
+    max_queue: int = 0  # requests accepted but not running beyond which add() refuses; 0 = no cap
+
+
+class QueueFull(RuntimeError):
+    """`max_queue` requests are already waiting; the client should retry later."""
 
 
 @dataclass
@@ -72,12 +84,52 @@ class Engine:
         self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()  # adapter -> FIFO
         self._inbox: deque = deque()
         self._lock = threading.Lock()
+        self._in_flight = 0  # accepted by add(), not finished yet (guarded by _lock)
         self.last_stats = StepStats()
 
     # ---- intake (any thread) -----------------------------------------------------------------
     def add(self, req: GenerationRequest) -> None:
+        """Accept a request (any thread), or raise and keep nothing (module docstring)."""
+        adapter = self.registry.retain(req.adapter_id) if req.adapter_id else None
+        try:
+            self.check_fits(req, adapter.num_virtual_tokens if adapter is not None else 0)
+            with self._lock:
+                queued = self._in_flight - len(self.running)
+                if self.config.max_queue and queued >= self.config.max_queue:
+                    raise QueueFull(f"{queued} requests are waiting (--max-queue "
+                                    f"{self.config.max_queue}); retry later")
+                self._in_flight += 1
+                self._inbox.append(("add", req))
+        except BaseException:
+            if adapter is not None:
+                self.registry.unretain(req.adapter_id)
+            raise
+
+    def check_fits(self, req: GenerationRequest, num_virtual_tokens: int = 0) -> None:
+        """InvalidParams unless the prompt is non-empty, in the vocabulary, and prompt + the
+        adapter's virtual tokens + max_new_tokens fit both the model's context and the KV budget
+        (a request larger than the whole cache could never be admitted)."""
+        ids, cfg = req.prompt_ids, self.model.cfg
+        if not ids:
+            raise InvalidParams("prompt", "is empty: send text, token ids or messages")
+        if min(ids) < 0 or max(ids) >= cfg.vocab_size:
+            bad = next(i for i in ids if not 0 <= i < cfg.vocab_size)
+            raise InvalidParams("input_ids", f"token id {bad} is outside the vocabulary "
+                                             f"[0, {cfg.vocab_size})")
+        total = len(ids) + num_virtual_tokens + req.stopping.max_new_tokens
+        for limit, what in ((cfg.max_position_embeddings, "the model's context"),
+                            (self.config.kv_cache_tokens, "the KV cache budget (--kv-cache-tokens)")):
+            if total > limit:
+                raise InvalidParams(
+                    "prompt", f"{len(ids)} prompt tokens + {num_virtual_tokens} adapter virtual "
+                              f"tokens + max_new_tokens {req.stopping.max_new_tokens} = {total} "
+                              f"exceeds {what} of {limit} tokens; shorten the prompt or lower "
+                              "max_new_tokens")
+
+    def num_queued(self) -> int:
+        """Requests accepted and not running (inbox, waiting, preempted); any thread."""
         with self._lock:
-            self._inbox.append(("add", req))
+            return self._in_flight - len(self.running)
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -247,6 +299,17 @@ class Engine:
         for seq in list(self.running):
             self._finish(seq, StopReason.ERROR, error=message)
 
+    def abort_all(self, message: str) -> None:
+        """Once no thread steps the engine any more: end every request it still holds (ERROR),
+        queued ones included, so that no caller waits forever on a stream."""
+        self._drain_inbox()
+        self.fail_running(message)
+        for q in self.waiting.values():
+            for seq in list(q):
+                q.remove(seq)
+                self._finish(seq, StopReason.ERROR, error=message)
+        self.waiting.clear()
+
     def _fail_waiting(self, seq: Sequence, message: str) -> None:
         self.waiting[seq.req.adapter_id].remove(seq)
         self._finish(seq, StopReason.ERROR, error=message)
@@ -330,6 +393,10 @@ class Engine:
             self.cache.free(seq.kv)
             self._release_adapter(seq)
         seq.phase = Phase.FINISHED
+        if seq.req.adapter_id:
+            self.registry.unretain(seq.req.adapter_id)
+        with self._lock:
+            self._in_flight -= 1
         self._emit(seq, text, tokens or [], True, reason, error)
 
     def _release_adapter(self, seq: Sequence) -> None:

@@ -20,6 +20,10 @@ from runtime.engine.request import GenerationRequest, Output
 log = logging.getLogger(__name__)
 
 
+class ShuttingDown(RuntimeError):
+    """The loop no longer accepts requests (draining for shutdown)."""
+
+
 class RequestStream:
     """The consumer side of one request: iterate for Outputs; the last has finished=True."""
 
@@ -77,11 +81,16 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="quiver-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, req: GenerationRequest, max_buffered: int = 64) -> RequestStream:
+    def submit(self, req: GenerationRequest, max_buffered: int = 64, observer=None) -> RequestStream:
+        """Queue `req`; raises what `Engine.add` raises (nothing queued then) or ShuttingDown.
+
+        observer: optional callback(Output) run on the engine thread before each Output is
+        buffered (metrics); it sees every Output even if the consumer stops reading. Must be cheap.
+        """
         if not self.accepting:
-            raise RuntimeError("the server is shutting down")
+            raise ShuttingDown("the server is shutting down; retry on another replica")
         stream = RequestStream(self, req.request_id, max_buffered)
-        req.on_output = stream.push
+        req.on_output = stream.push if observer is None else _tee(observer, stream.push)
         self.engine.add(req)
         self._wake.set()
         return stream
@@ -95,10 +104,17 @@ class EngineLoop:
         return not self.engine.has_work()
 
     def stop(self) -> None:
+        """End the step thread; requests still held then end with an error (drain first)."""
+        self.accepting = False
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                log.error("the engine thread did not stop within 10 s")
+                return
+        if self.engine.has_work():
+            self.engine.abort_all("the server stopped before this request finished")
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -114,3 +130,14 @@ class EngineLoop:
                 continue
             if self.on_step is not None and stats.rows:
                 self.on_step(stats)
+
+
+def _tee(first, second):
+    def both(out: Output) -> None:
+        try:
+            first(out)
+        except Exception:  # noqa: BLE001 - an observer bug must not lose the request's output
+            log.exception("output observer failed")
+        second(out)
+
+    return both

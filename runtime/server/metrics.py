@@ -8,7 +8,9 @@ N + 2 values (N ids, `other`, `__base__` for base-model requests).
 The rule: the first N distinct adapters to serve a request (preloaded adapters are usually
 first) keep their own label for the life of the process; a series never changes name mid-flight,
 and a label once given is never taken back (that would leave stale series behind and grow the
-count again). Set N to at least the number of adapters you want to watch one by one.
+count again). Set N to at least the number of adapters you want to watch one by one. Requests refused for
+an adapter that does not exist (NOT_FOUND, a malformed id) are counted under `other` without
+claiming a label, so junk ids can never use up the N.
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ TOKEN_COUNT_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 OUTCOMES = ("ok", "cancelled", "error", "rejected")
 STATES = ("host", "device", "loading")
-TYPES = ("lora", "dora", "adalora", "prompt_tuning", "p_tuning", "prefix_tuning")
+#: "unknown": an adapter still loading (its config is not read yet).
+TYPES = ("lora", "dora", "adalora", "prompt_tuning", "p_tuning", "prefix_tuning", "unknown")
+LOAD_FAILURE_REASONS = ("format", "path", "io", "busy", "other")
 
 
 class AdapterLabels:
@@ -42,7 +46,10 @@ class AdapterLabels:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def __call__(self, adapter_id: str) -> str:
+    def __call__(self, adapter_id: str | None) -> str:
+        """The label for `adapter_id`; "" is the base model, None an adapter that does not exist."""
+        if adapter_id is None:
+            return OTHER_LABEL
         if not adapter_id:
             return BASE_LABEL
         with self._lock:
@@ -59,7 +66,7 @@ def adapter_type(peft_type: str, use_dora: bool) -> str:
     """The `type` label of an adapter: its PEFT type, DoRA told apart from plain LoRA."""
     if peft_type == "LORA":
         return "dora" if use_dora else "lora"
-    return peft_type.lower()
+    return peft_type.lower() or "unknown"
 
 
 class Metrics:
@@ -103,12 +110,14 @@ class Metrics:
                                   registry=r)
         self.load_failures = PCounter("quiver_adapter_load_failures_total", "Adapter loads that failed",
                                       ("reason",), registry=r)
+        for reason in LOAD_FAILURE_REASONS:  # every reason present from the start, at 0
+            self.load_failures.labels(reason)
         self.base_info = Info("quiver_base_model", "The base model served", registry=r)
         self.base_bytes = Gauge("quiver_base_model_bytes", "Resident bytes of the base model",
                                 ("part",), registry=r)
 
     # ---- recorders -------------------------------------------------------------------------
-    def request_done(self, adapter_id: str, outcome: str, prompt_tokens: int, generated: int,
+    def request_done(self, adapter_id: str | None, outcome: str, prompt_tokens: int, generated: int,
                      ttft_s: float | None, duration_s: float, queue_s: float | None) -> None:
         label = self.label(adapter_id)
         self.requests.labels(label, outcome).inc()
@@ -141,6 +150,16 @@ class Metrics:
         for state in STATES:
             for kind in TYPES:
                 self.adapters.labels(state, kind).set(counts.get((state, kind), 0))
+
+    def adapter_loaded(self, type_label: str, seconds: float) -> None:
+        self.adapter_load.labels(type_label).observe(seconds)
+
+    def adapter_load_failed(self, reason: str) -> None:
+        """reason: one of LOAD_FAILURE_REASONS."""
+        self.load_failures.labels(reason).inc()
+
+    def adapter_evicted(self) -> None:
+        self.evictions.inc()
 
     def set_base(self, describe: dict, nbytes: dict[str, int]) -> None:
         self.base_info.info({k: str(v) for k, v in describe.items()})

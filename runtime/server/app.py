@@ -1,0 +1,170 @@
+"""Assembling a Quiver server and running its life cycle.
+
+    build_server(cfg)   load_base -> AdapterRegistry(slots, max rank) -> AdapterStore ->
+                        AdapterLoader -> Engine -> EngineLoop -> Core (+ Metrics wiring)
+    server.start()      --preload adapters, engine thread, gRPC (Generation, Adapters, Health,
+                        reflection), /metrics HTTP, gauge refresher; health -> SERVING
+    server.shutdown()   drain (below), then everything stops
+
+Drain (SIGTERM, see serve_cli.py): health goes NOT_SERVING so load balancers move away; new
+Generate calls are answered UNAVAILABLE ("shutting down") while the gRPC server itself keeps
+running, so the in-flight streams keep flowing and health checks still get an answer; once the
+engine has no work, or the grace period is over, gRPC stops (a request still running then is
+cancelled, which frees its KV) and the engine thread ends.
+
+Tests build a server in-process with `build_server(ServerConfig(port=0, ...))` on a tiny model.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from runtime.adapters.loader import AdapterLoader
+from runtime.adapters.registry import AdapterRegistry
+from runtime.adapters.store import AdapterStore
+from runtime.config import ServerConfig
+from runtime.engine.engine import Engine, EngineConfig
+from runtime.engine.loop import EngineLoop
+from runtime.models.base import LoadedBase, load_base
+from runtime.server.core import Core
+from runtime.server.metrics import Metrics
+from runtime.server.servicers import AdaptersServicer, GenerationServicer
+from runtime.server.stubs import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+ADAPTERS_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name
+#: gauges (adapters resident, running / waiting, KV usage) are refreshed at least this often
+GAUGE_REFRESH_S = 1.0
+
+
+def build_server(cfg: ServerConfig, base: LoadedBase | None = None,
+                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> "QuiverServer":
+    """Everything wired, nothing started. `base` skips loading (tests share one).
+
+    interceptors: run on every RPC before the servicers, e.g. the admin-token check that guards
+    the Adapters service (README "Security", hardening issue).
+    """
+    base = base or load_base(cfg.model, cfg.quantize, cfg.dtype, cfg.device)
+    registry = AdapterRegistry(base.model, num_slots=cfg.max_device_adapters, max_rank=cfg.max_lora_rank)
+    store = AdapterStore(cfg.adapter_dir, cfg.allow_adapter_roots)
+    loader = AdapterLoader(registry, store, base.config)
+    engine = Engine(base.model, base.tokenizer, registry, EngineConfig(
+        max_batch_tokens=cfg.max_batch_tokens, max_running=cfg.max_running,
+        kv_cache_tokens=cfg.kv_cache_tokens, max_queue=cfg.max_queue))
+    loop = EngineLoop(engine)
+    metrics = Metrics(cfg.metrics_max_adapter_labels)
+    core = Core(cfg, base, engine, loop, registry, store, loader, metrics)
+    loop.on_step = core.on_step
+    loader.on_loaded, loader.on_failed = core.on_adapter_loaded, core.on_adapter_failed
+    registry.on_evict = core.on_adapter_evicted
+    metrics.set_base(base.describe(), base.model.base_bytes())
+    return QuiverServer(cfg, core, interceptors)
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class QuiverServer:
+    def __init__(self, cfg: ServerConfig, core: Core, interceptors: Sequence[grpc.ServerInterceptor] = ()):
+        self.cfg, self.core = cfg, core
+        self.interceptors = tuple(interceptors)
+        self.health = health.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._grpc: grpc.Server | None = None
+        self._metrics_http = None
+        self._closing = threading.Event()
+        self._closed = threading.Event()
+        self._shutdown_lock = threading.Lock()
+        self._refresher: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        return host_port(self.cfg.host, self.port)
+
+    # ---- start ------------------------------------------------------------------------------
+    def start(self) -> "QuiverServer":
+        for adapter_id in self.cfg.preload:
+            self.core.load_adapter(adapter_id)  # a bad preload fails start-up, loudly
+        self.core.loop.start()
+        self._grpc = self._make_grpc_server()
+        self.port = self._grpc.add_insecure_port(host_port(self.cfg.host, self.cfg.port))
+        self._grpc.start()
+        if self.cfg.metrics_port is not None:
+            self._metrics_http, _ = self.core.metrics.serve_http(self.cfg.metrics_port, self.cfg.host)
+            self.metrics_port = self._metrics_http.server_port
+        self._refresher = threading.Thread(target=self._refresh_gauges, name="quiver-gauges", daemon=True)
+        self._refresher.start()
+        for service in ("", GENERATION_SERVICE, ADAPTERS_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s", self.address)
+        return self
+
+    def _make_grpc_server(self) -> grpc.Server:
+        workers = self.cfg.grpc_workers
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quiver-grpc"),
+            interceptors=self.interceptors,
+            # one thread per in-flight RPC; beyond that gRPC answers RESOURCE_EXHAUSTED itself
+            maximum_concurrent_rpcs=workers,
+            # never share the port with another process by accident
+            options=[("grpc.so_reuseport", 0)],
+        )
+        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.core), server)
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self.core), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (GENERATION_SERVICE, ADAPTERS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        return server
+
+    def _refresh_gauges(self) -> None:
+        dirty = self.core.gauges_dirty
+        while not self._closing.is_set():
+            dirty.clear()
+            try:
+                self.core.refresh_adapter_gauges()
+                self.core.refresh_engine_gauges()
+            except Exception:  # noqa: BLE001 - metrics must never take the server down
+                log.exception("refreshing gauges failed")
+            dirty.wait(GAUGE_REFRESH_S)
+
+    # ---- stop -------------------------------------------------------------------------------
+    def shutdown(self, grace_s: float | None = None) -> bool:
+        """Drain and stop (module docstring). True if every in-flight request finished."""
+        grace_s = self.cfg.grace_period_s if grace_s is None else grace_s
+        with self._shutdown_lock:
+            if self._closing.is_set():
+                self._closed.wait()
+                return True
+            self._closing.set()
+            t0 = time.monotonic()
+            self.core.loop.accepting = False  # intake first: NOT_SERVING implies UNAVAILABLE
+            self.health.enter_graceful_shutdown()
+            drained = self.core.loop.drain(grace_s)
+            log.info("drain %s in %.1f s", "complete" if drained else "timed out", time.monotonic() - t0)
+            if self._grpc is not None:
+                # Handlers of finished requests only have their last message to send; give
+                # them a moment. Past the grace period, running RPCs are cancelled.
+                self._grpc.stop(grace=1.0 if drained else 0).wait()
+            self.core.loop.drain(2.0)  # let cancellations of what was left reach the engine
+            self.core.loop.stop()
+            self.core.loader.shutdown()
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+            self.core.gauges_dirty.set()
+            self._closed.set()
+            return drained
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until shutdown() has finished (True) or the timeout passes."""
+        return self._closed.wait(timeout)

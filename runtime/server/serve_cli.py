@@ -1,0 +1,109 @@
+"""`quiver serve`: the gRPC server (README "Server").
+
+Prints one line when ready, `quiver serving on HOST:PORT (metrics :P)` (scripts and tests wait
+for it; with --port 0 it carries the port actually bound). SIGTERM or SIGINT starts a drain
+(app.py): intake stops, in-flight requests get --grace-period seconds to finish, then the process
+exits 0. A second signal exits at once (status 130).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+
+def add_parser(sub) -> None:
+    from runtime.cli import add_model_options
+    from runtime.config import ServerConfig
+
+    d = ServerConfig()
+    p = sub.add_parser("serve", help="serve the base model and its adapters over gRPC")
+    add_model_options(p)
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default=d.host, help=f"bind address (default {d.host}: loopback only)")
+    net.add_argument("--port", type=int, default=d.port, help=f"gRPC port (default {d.port}; 0 = any free)")
+    net.add_argument("--metrics-port", type=int, default=d.metrics_port,
+                     help=f"Prometheus /metrics port (default {d.metrics_port}; -1 = off; 0 = any free)")
+    net.add_argument("--grpc-workers", type=int, default=d.grpc_workers,
+                     help=f"concurrent RPCs (default {d.grpc_workers}); more are RESOURCE_EXHAUSTED")
+    ad = p.add_argument_group("adapters")
+    ad.add_argument("--adapter-dir", default=None,
+                    help="directory of PEFT adapters: an unknown adapter id is loaded from "
+                         "<adapter-dir>/<id> on first use")
+    ad.add_argument("--allow-adapter-root", action="append", default=[], metavar="DIR",
+                    dest="allow_adapter_roots",
+                    help="another directory LoadAdapter may read sources from (repeatable)")
+    ad.add_argument("--preload", nargs="+", default=[], metavar="ID",
+                    help="adapter ids to load from --adapter-dir before serving")
+    ad.add_argument("--max-device-adapters", type=int, default=d.max_device_adapters,
+                    help=f"adapters resident on the device at once (default {d.max_device_adapters})")
+    ad.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank,
+                    help=f"largest LoRA rank accepted; sizes the device slots (default {d.max_lora_rank})")
+    en = p.add_argument_group("engine")
+    en.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                    help=f"tokens per engine step (default {d.max_batch_tokens})")
+    en.add_argument("--max-running", type=int, default=d.max_running,
+                    help=f"requests in the running batch (default {d.max_running})")
+    en.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens,
+                    help=f"KV cache budget over all requests (default {d.kv_cache_tokens})")
+    en.add_argument("--max-queue", type=int, default=d.max_queue,
+                    help=f"waiting requests before RESOURCE_EXHAUSTED (default {d.max_queue}; 0 = no cap)")
+    en.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                    help=f"cap on a request's max_new_tokens (default {d.max_new_tokens})")
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--grace-period", type=float, default=d.grace_period_s,
+                     help=f"seconds in-flight requests get after SIGTERM (default {d.grace_period_s:g})")
+    ops.add_argument("--metrics-max-adapter-labels", type=int, default=d.metrics_max_adapter_labels,
+                     help="adapters with their own metrics label; the rest report as 'other' "
+                          f"(default {d.metrics_max_adapter_labels})")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    from runtime.config import ServerConfig
+
+    return ServerConfig(
+        model=args.model, quantize=args.quantize, dtype=args.dtype, device=args.device,
+        host=args.host, port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        grpc_workers=args.grpc_workers, adapter_dir=args.adapter_dir,
+        allow_adapter_roots=args.allow_adapter_roots, preload=args.preload,
+        max_device_adapters=args.max_device_adapters, max_lora_rank=args.max_lora_rank,
+        max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
+        kv_cache_tokens=args.kv_cache_tokens, max_queue=args.max_queue,
+        max_new_tokens=args.max_new_tokens, grace_period_s=args.grace_period,
+        metrics_max_adapter_labels=args.metrics_max_adapter_labels,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # flag errors before the slow model load
+    from runtime.server.app import build_server
+
+    server = build_server(cfg).start()
+    stop = _install_signal_handlers(server)
+    metrics = f"metrics :{server.metrics_port}" if server.metrics_port is not None else "metrics off"
+    print(f"quiver serving on {server.address} ({metrics})", flush=True)
+    stop.wait()
+    drained = server.shutdown()
+    print(f"quiver stopped ({'drained' if drained else 'grace period over; the rest were cancelled'})",
+          flush=True)
+    return 0
+
+
+def _install_signal_handlers(server) -> threading.Event:
+    """First SIGTERM / SIGINT: begin the drain. Second: exit at once (status 130), for an
+    operator who will not wait; in-flight requests are lost then."""
+    stop = threading.Event()
+
+    def handle(signum, frame):
+        if stop.is_set():
+            print("quiver: second signal, exiting without draining", file=sys.stderr, flush=True)
+            os._exit(130)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
