@@ -92,6 +92,7 @@ def make_peft_model(
     *,
     seed: int = 0,
     perturb: bool = True,
+    perturb_scale: float = 0.1,
     train_steps: int = 8,
     prune_to_zero: Sequence[str] = (),
     **options: Any,
@@ -99,7 +100,8 @@ def make_peft_model(
     """Wrap a deep copy of `base` with a fresh adapter of this kind; `base` stays unchanged.
 
     kind: lora | adalora | prompt_tuning | p_tuning | prefix_tuning. options: PEFT config fields.
-    perturb: replace PEFT's initial adapter weights by N(0, 0.1) draws (so B != 0, DoRA acts).
+    perturb: replace PEFT's initial adapter weights by N(0, perturb_scale) draws (so B != 0 and
+    DoRA acts; use a small scale on a real model so its outputs stay meaningful).
     train_steps / prune_to_zero: AdaLoRA only: SGD steps with `update_and_allocate` (ranks get
     pruned), then force these module names (e.g. "model.layers.0.self_attn.v_proj") to rank 0.
     """
@@ -108,7 +110,7 @@ def make_peft_model(
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(copy.deepcopy(base), config)
     if perturb:
-        _perturb(peft_model, seed)
+        _perturb(peft_model, seed, perturb_scale)
     if kind == "adalora":
         _train_adalora(peft_model, train_steps, seed)
         _prune_to_zero(peft_model, prune_to_zero)
@@ -154,12 +156,17 @@ def make_tiny_tokenizer(path: Path, vocab_size: int = 128) -> Path:
     return Path(path)
 
 
-def _perturb(peft_model: PeftModel, seed: int) -> None:
+def _perturb(peft_model: PeftModel, seed: int, scale: float = 0.1) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, param in sorted(peft_model.named_parameters()):
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        for name, param in sorted(peft_model.named_parameters()):
+            if not param.requires_grad:
+                continue
+            noise = torch.randn(param.shape, generator=generator) * scale
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + noise)  # DoRA magnitudes are row norms: keep them near their init
+            else:
+                param.copy_(noise)
 
 
 def _train_adalora(peft_model: PeftModel, steps: int, seed: int) -> None:
