@@ -14,6 +14,12 @@ Two fast paths, chosen once per step by `AdapterBatch` (runtime/nn/adapter_batch
 - grouped: for each distinct slot, one matmul pair over its rows (prefill, few adapters);
 - gather: per-token weight gather + bmm (decode over many distinct adapters).
 `lora_delta_reference` is the plain per-token loop both are tested against.
+
+Training (trainer/) uses these same modules with one slot. It makes slot 0 trainable without any
+code here: `torch.nn.utils.parametrize` replaces `A` / `B` / `dora` by tensors whose slot 0 is
+computed from the trainer's parameters (LoRA A/B, DoRA magnitude, AdaLoRA P * Lambda, Q), so the
+forward below is exactly the served one. The one training hook is `dropout`: PEFT's
+`lora_dropout` on the LoRA branch's input (an Identity when serving).
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ class LoraSlots(nn.Module):
         self.register_buffer("bias", torch.zeros(n, out_features, dtype=dtype, device=device))
         self.register_buffer("dora", torch.ones(n, out_features, dtype=dtype, device=device))
         self.ranks = [0] * n  # true rank per slot (python ints: the grouped path slices by them)
+        #: training hook: dropout on the LoRA branch's input (PEFT `lora_dropout`); Identity serving
+        self.dropout: nn.Module = nn.Identity()
 
     def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float,
                  bias: torch.Tensor | None = None, dora: torch.Tensor | None = None) -> None:
@@ -67,7 +75,7 @@ class LoraSlots(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, ab: AdapterBatch,
                 base_bias: torch.Tensor | None) -> torch.Tensor:
         # x: [T, in], y = base(x): [T, out]
-        delta = lora_delta(self, x, ab)  # [T, out], scaled, with lora bias
+        delta = lora_delta(self, self.dropout(x), ab)  # [T, out], scaled, with lora bias
         if not ab.any_dora:
             return y + delta
         f = self.dora[ab.token_slots]  # [T, out]

@@ -1,0 +1,202 @@
+"""Training throughput: `quiver train` LoRA vs PEFT + bitsandbytes QLoRA, same data, same run.
+
+    .venv/bin/python -m bench.train_bench                        # 3 timed steps per peer, batch 8
+    .venv/bin/python -m bench.train_bench --steps 5 --threads 1
+    .venv/bin/python -m bench.train_bench --to-accuracy          # whole learning task per peer (slow)
+
+Both sides train LoRA r=16, alpha 32, all-linear, on the embedded SmolLM2-135M-Instruct stored
+as NF4 (double quantization, blocksize 64) with fp32 compute, AdamW with the trainer's linear
+decay and clipping, on the same batches of the learning task's training set
+(tests/data/facts_train.jsonl, chat template). Peers:
+
+- quiver:          trainer.loop.Trainer (packed rows, logits only where the loss is taken)
+- peft (ckpt):     transformers AutoModelForCausalLM + BitsAndBytesConfig(nf4) + get_peft_model
+                   after prepare_model_for_kbit_training: the QLoRA recipe, gradient checkpointing on
+- peft (no ckpt):  the same without gradient checkpointing
+
+Peers are built first and then stepped in turn (one step of each, round robin, on the same
+batches), so a load change on a shared machine hits all of them alike. tokens/s counts the real
+(unpadded) tokens of each step, the same for every peer; figures are medians over the timed steps
+(the first step of each peer is a warm-up). Both wall time and this process's CPU time are
+reported: on a busy shared machine the CPU-time figure is the stable one. --to-accuracy runs every
+peer through the whole task (the slow test's settings) and adds the held-out exact-match accuracy
+(greedy, via teacher forcing) and the summed wall time of the training steps.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+from bench.common import machine_line, table, versions_line
+
+DATA, TEST = "tests/data/facts_train.jsonl", "tests/data/facts_test.jsonl"
+RANK, ALPHA = 16, 32
+#: the learning test's settings (tests/trainer/test_learning_task.py)
+TASK = dict(lr=3e-3, epochs=3, batch_size=4, seed=0)
+
+
+class QuiverPeer:
+    def __init__(self, model_dir: str, out: str, batch_size: int, max_steps: int | None):
+        from trainer import TrainConfig
+        from trainer.loop import Trainer
+
+        cfg = TrainConfig(method="lora", data=DATA, eval_data=TEST, output=out, model=model_dir, quantize="nf4",
+                          dtype="float32", device="cpu", rank=RANK, alpha=ALPHA, targets="all-linear",
+                          progress=False, lr=TASK["lr"], epochs=TASK["epochs"], seed=TASK["seed"],
+                          batch_size=batch_size, max_steps=max_steps)
+        self.trainer = Trainer(cfg)
+        self.trainer.setup()
+        self.total_steps = self.trainer.total_steps
+
+    def step(self) -> int:
+        return self.trainer._train_step()[1]
+
+    def accuracy(self) -> float:
+        return self.trainer.evaluate()[1]
+
+
+class PeftPeer:
+    """PEFT on the trainer's own batches, learning-rate schedule and clipping."""
+
+    def __init__(self, model_dir: str, checkpointing: bool, batch_size: int, max_steps: int | None):
+        from transformers import AutoTokenizer
+
+        from trainer.batch import Schedule
+        from trainer.data import load_examples
+
+        self.model = _peft_model(model_dir, checkpointing)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.examples = load_examples(DATA, self.tokenizer, 512)
+        self.schedule = Schedule(len(self.examples), batch_size, 1, seed=TASK["seed"])
+        self.total_steps = max_steps or self.schedule.total_steps(TASK["epochs"], None)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=TASK["lr"])
+        self.done = 0
+
+    def step(self) -> int:
+        (idx,) = self.schedule.step_batches(self.done)
+        batch = _padded([self.examples[i] for i in idx], self.tokenizer.pad_token_id)
+        for group in self.optimizer.param_groups:
+            group["lr"] = TASK["lr"] * (1 - self.done / self.total_steps)
+        self.model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.done += 1
+        return int(batch["attention_mask"].sum())
+
+    @torch.no_grad()
+    def accuracy(self) -> float:
+        """Share of test examples whose every target token is the argmax (greedy reproduces it)."""
+        from trainer.data import load_examples
+
+        self.model.eval()
+        examples, matched = load_examples(TEST, self.tokenizer, 512), 0
+        for i in range(0, len(examples), 8):
+            batch = _padded(examples[i: i + 8], self.tokenizer.pad_token_id)
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            pred, labels = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+            matched += int(((pred == labels) | (labels == -100)).all(dim=1).sum())
+        return matched / len(examples)
+
+
+def _peft_model(model_dir: str, checkpointing: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, device_map="cpu",
+                                                     dtype=torch.float32)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear",
+                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
+
+
+def _padded(examples, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels (-100 off the loss), as HF collators make."""
+    width = max(len(ex.ids) for ex in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100)
+    for i, ex in enumerate(examples):
+        n = len(ex.ids)
+        ids[i, :n] = torch.tensor(ex.ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.where(torch.tensor(ex.labels), torch.tensor(ex.ids), -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def run_round_robin(peers: dict) -> dict[str, dict]:
+    """Step every peer in turn until each has done its steps; per-step times and tokens."""
+    stats = {name: {"times": [], "cpu": [], "tokens": []} for name in peers}
+    for k in range(max(p.total_steps for p in peers.values())):
+        for name, peer in peers.items():
+            if k < peer.total_steps:
+                t0, c0 = time.perf_counter(), time.process_time()
+                tokens = peer.step()
+                stats[name]["times"].append(time.perf_counter() - t0)
+                stats[name]["cpu"].append(time.process_time() - c0)
+                stats[name]["tokens"].append(tokens)
+        print(f"step {k + 1}: " + ", ".join(f"{n} {s['times'][-1]:.1f} s ({s['cpu'][-1]:.1f} CPU)"
+                                           for n, s in stats.items()), flush=True)
+    return stats
+
+
+def _rate(s: dict, clock: str = "times") -> float:
+    """Median tokens per second of the timed steps, by wall ("times") or CPU ("cpu") clock."""
+    return statistics.median(t / sec for t, sec in zip(s["tokens"][1:], s[clock][1:]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=3, help="timed steps per peer (after one warm-up step)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step (--to-accuracy: 4, the test's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--skip-peft-no-ckpt", action="store_true", help="only the QLoRA-recipe PEFT peer")
+    p.add_argument("--to-accuracy", action="store_true", help="train each peer through the whole task")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    from runtime.models.embedded import embedded_model_dir
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    full = args.to_accuracy
+    batch, steps = (TASK["batch_size"], None) if full else (args.batch_size, args.steps + 1)
+    model_dir = str(embedded_model_dir())
+    with tempfile.TemporaryDirectory() as out:
+        peers = {"quiver train": QuiverPeer(model_dir, out, batch, steps),
+                 "peft + bnb (grad ckpt)": PeftPeer(model_dir, True, batch, steps)}
+        if not args.skip_peft_no_ckpt:
+            peers["peft + bnb (no ckpt)"] = PeftPeer(model_dir, False, batch, steps)
+        stats = run_round_robin(peers)
+        accuracy = {name: peer.accuracy() for name, peer in peers.items()} if full else {}
+    ours, ours_cpu = _rate(stats["quiver train"]), _rate(stats["quiver train"], "cpu")
+    rows = []
+    for name, s in stats.items():
+        row = [name, f"{statistics.median(s['times'][1:]):.2f}", f"{_rate(s):.1f}", f"{ours / _rate(s):.2f}x",
+               f"{statistics.median(s['cpu'][1:]):.2f}", f"{_rate(s, 'cpu'):.1f}", f"{ours_cpu / _rate(s, 'cpu'):.2f}x"]
+        rows.append(row + ([f"{sum(s['times']):.0f}", f"{accuracy[name]:.1%}"] if full else []))
+    headers = ["peer", "wall s / step", "tokens / s", "quiver speed-up", "CPU s / step", "tokens / CPU s",
+               "quiver speed-up (CPU)"] + (["task wall s", "held-out acc"] if full else [])
+    print(f"\n## Training: LoRA r={RANK} all-linear, NF4 base, fp32 compute, batch {batch}\n")
+    print(f"{machine_line()}, {torch.get_num_threads()} torch threads  \n{versions_line()}\n")
+    print(table(headers, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

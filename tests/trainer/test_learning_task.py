@@ -1,0 +1,59 @@
+"""A real learning task: invented facts the base model cannot know, asked in new phrasings.
+
+tests/data/facts_train.jsonl holds 24 made-up facts (capitals of fictional countries, inventors of
+fictional devices, home planets of fictional species), each asked three ways; facts_test.jsonl
+asks each of them two other ways. QLoRA on the embedded SmolLM2-135M-Instruct (NF4 base,
+chat template) must answer >= 80% of the held-out questions exactly, where the base answers none;
+checked both by the trainer's greedy-equivalent exact match and by the server's own engine.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.adapters.registry import AdapterRegistry
+from runtime.models.embedded import embedded_model_dir
+from tests.quiver_factory import QuiverStack
+from trainer import TrainConfig
+from trainer.loop import Trainer
+
+DATA = Path(__file__).parents[1] / "data"
+
+#: Measured: held-out exact match 97.9% / 95.8% / 97.9% for seeds 0 / 1 / 2 (2 epochs: 60-65%;
+#: batch 8 at lr 5e-3: 67-88%). 54 steps, ~3.5 s each on one busy core.
+SETTINGS = dict(method="lora", rank=16, targets="all-linear", lr=3e-3, epochs=3, batch_size=4, seed=0)
+
+
+@pytest.mark.slow
+def test_lora_learns_invented_facts(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine, one thread beats two contended ones
+    try:
+        trainer = Trainer(TrainConfig(data=str(DATA / "facts_train.jsonl"), eval_data=str(DATA / "facts_test.jsonl"),
+                                      output=str(tmp_path / "facts"), model=str(embedded_model_dir()),
+                                      progress=False, **SETTINGS))
+        trainer.setup()
+        _, base_accuracy = trainer.evaluate()  # slot 0 starts as the base model (B = 0)
+        out = trainer.train()
+        trainer.cleanup()
+        assert base_accuracy <= 0.05
+        assert trainer.summary.eval_accuracy >= 0.8, trainer.eval_history
+        assert _served_accuracy(trainer.base, out) >= 0.8
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _served_accuracy(base, adapter_dir: Path) -> float:
+    """Greedy answers of the serving engine (KV cache, adapter hot-loaded into a slot)."""
+    stack = QuiverStack(base.model, AdapterRegistry(base.model, 2, 16), base.config)
+    stack.load("facts", adapter_dir)
+    tok = base.tokenizer
+    rows = [json.loads(line)["messages"] for line in (DATA / "facts_test.jsonl").read_text().splitlines()]
+    prompts = [(tok.apply_chat_template(m[:1], add_generation_prompt=True, tokenize=True, return_dict=False),
+                "facts") for m in rows]
+    outputs = stack.greedy(stack.engine(tok), prompts, n=8)
+    answers = [tok.decode(ids).split("<|im_end|>")[0].strip() for ids in outputs]
+    return sum(a == m[1]["content"] for a, m in zip(answers, rows)) / len(rows)
