@@ -221,6 +221,16 @@ class ServerConfig:
     # ---- lifecycle and metrics
     grace_period_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
     metrics_max_adapter_labels: int = 64
+    # ---- security and limits (README "Security and limits"; runtime/server/auth.py, tls.py)
+    #: bearer token the Adapters service requires; None: open on a loopback bind, closed otherwise.
+    #: repr=False: a config printed or logged never shows a secret.
+    admin_token: str | None = field(default=None, repr=False)
+    api_token: str | None = field(default=None, repr=False)  # Generation's token; None = open
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key: TLS on the gRPC port
+    tls_key: str | None = None  # PEM private key
+    tls_client_ca: str | None = None  # PEM CA bundle: client certificates are then required (mTLS)
+    max_message_bytes: int = 4 * 1024 * 1024  # largest request accepted (RESOURCE_EXHAUSTED beyond)
+    max_input_chars: int = 262_144  # prompt text (or chat contents together), before tokenizing
 
     def __post_init__(self) -> None:
         QuantConfig(self.quantize)  # validates the name
@@ -232,3 +242,17 @@ class ServerConfig:
             raise ValueError("--max-queue and --grace-period must be >= 0")
         if self.preload and not self.adapter_dir:
             raise ValueError("--preload needs --adapter-dir (ids are read from <adapter-dir>/<id>)")
+        self._check_security()
+
+    def _check_security(self) -> None:
+        # An empty token (an unset environment variable expanded to "") means "no token", never
+        # "the empty string is the password".
+        self.admin_token = self.admin_token or None
+        self.api_token = self.api_token or None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        for name in ("max_message_bytes", "max_input_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

@@ -12,6 +12,7 @@ import sys
 
 def add_parser(sub) -> None:
     from runtime.cli import add_model_options
+    from runtime.server.client_options import add_connection_options
 
     g = sub.add_parser("generate", help="generate continuations for prompts (one batch)")
     add_model_options(g)
@@ -27,6 +28,7 @@ def add_parser(sub) -> None:
     g.add_argument("--chat", action="store_true",
                    help="wrap each prompt as one user message with the model's chat template")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
+    add_connection_options(g)
     g.set_defaults(run=run_generate)
 
     i = sub.add_parser("info", help="base model shape and resident memory")

@@ -3,7 +3,8 @@
 Reading and validating a PEFT directory takes milliseconds to seconds (safetensors, folding,
 checks); the step loop must not wait for it. Loads run on a small thread pool; concurrent
 requests for the same id share one load. A load that fails leaves the registry exactly as it was
-and reports why (AdapterFormatError / AdapterPathError: the client's fault; OSError: the disk's).
+and reports why (AdapterFormatError / AdapterPathError: the client's fault; AdapterVanished: the
+directory went away mid-read; OSError: the disk's).
 """
 from __future__ import annotations
 
@@ -11,13 +12,25 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
-from runtime.adapters.peft_format import read_adapter
-from runtime.adapters.registry import AdapterRegistry
+from runtime.adapters.peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, read_adapter
+from runtime.adapters.registry import AdapterNotFound, AdapterRegistry
 from runtime.adapters.store import AdapterStore
 from runtime.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+#: The files read_adapter opens; each must resolve inside an allowed root (store.check_unchanged).
+ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)
+
+
+class AdapterVanished(AdapterNotFound):
+    """The adapter directory disappeared while it was being read."""
+
+    def __str__(self) -> str:
+        return (f"adapter {self.args[0]!r}: its directory disappeared while it was being loaded; "
+                "retry once it is back in place")
 
 
 class AdapterLoader:
@@ -61,8 +74,7 @@ class AdapterLoader:
     def _load(self, adapter_id: str, path: str) -> None:
         t0 = time.monotonic()
         try:
-            adapter = read_adapter(path, self.model, max_rank=self.registry.max_rank,
-                                   max_virtual_tokens=self.max_virtual_tokens)
+            adapter = self._read(adapter_id, Path(path))
             self.registry.add(adapter_id, adapter)
         except Exception as e:
             log.warning("adapter %s failed to load from %s: %s", adapter_id, path, e)
@@ -77,6 +89,21 @@ class AdapterLoader:
         log.info("adapter %s loaded from %s in %.1f ms", adapter_id, path, seconds * 1e3)
         if self.on_loaded is not None:
             self.on_loaded(adapter_id, adapter, seconds)
+
+    def _read(self, adapter_id: str, path: Path):
+        """read_adapter between two confinement checks (store.py: the symlink-swap window)."""
+        self.store.check_unchanged(path, ADAPTER_FILES)
+        existed = path.is_dir()  # a source that never existed is the caller's mistake, not a race
+        try:
+            adapter = read_adapter(path, self.model, max_rank=self.registry.max_rank,
+                                   max_virtual_tokens=self.max_virtual_tokens)
+        except Exception as e:
+            if existed and not path.is_dir():
+                raise AdapterVanished(adapter_id) from e
+            self.store.check_unchanged(path, ADAPTER_FILES)  # a swap explains a failure best
+            raise
+        self.store.check_unchanged(path, ADAPTER_FILES)
+        return adapter
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

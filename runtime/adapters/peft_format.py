@@ -152,7 +152,11 @@ def read_tensors(root: Path) -> dict[str, torch.Tensor]:
             raise AdapterFormatError(
                 f"tensor {key} has dtype {t.dtype}; adapters must be float32, float16 or bfloat16"
             )
-        t = t.to(torch.float32)
+        # copy=True: safetensors hands out tensors backed by a private mmap of the file. Kept
+        # as they are, a file later rewritten in place (`cp new.safetensors ...`) would change
+        # the registered weights under the server, and a truncated one kill it with SIGBUS the
+        # next time the host copy is read (re-filling an evicted device slot).
+        t = t.to(torch.float32, copy=True)
         if not torch.isfinite(t).all():
             raise AdapterFormatError(
                 f"tensor {key} holds non-finite values (NaN or Inf): the adapter is corrupt"

@@ -3,6 +3,13 @@
 An adapter id names a directory below `--adapter-dir` (`customer-7/support-v2`). Ids and sources
 come from clients, so every path is checked *after* resolving symlinks: it must stay inside one
 of the configured roots. Nothing outside them is ever opened.
+
+The check happens before the read, on another thread than the read, so a directory swapped for a
+symlink in between would be followed. `check_unchanged` runs before and again after the read (see
+loader.py): the directory must still resolve to the path that was checked, and the files the
+reader opens (config, weights; they may be symlinks, e.g. into a Hugging Face cache's blobs/) must
+resolve inside a root too. What this cannot catch is a swap that is undone before the read ends;
+it takes write access to the adapter directory, which is already the power to serve any adapter.
 """
 from __future__ import annotations
 
@@ -72,3 +79,15 @@ class AdapterStore:
                 f"source {source!r} is outside the allowed adapter roots "
                 "(--adapter-dir, --allow-adapter-root)")
         return path
+
+    def check_unchanged(self, path: Path, files: tuple[str, ...]) -> None:
+        """`path` (resolved when it was checked) still resolves to itself, and each of `files`
+        present in it resolves inside an allowed root; AdapterPathError otherwise."""
+        if path.resolve() != path:
+            raise AdapterPathError(f"adapter directory {path} changed while it was being loaded (it "
+                                   "now resolves elsewhere); not loaded")
+        for name in files:
+            target = (path / name).resolve()
+            if (path / name).exists() and not any(_inside(target, root) for root in self.roots):
+                raise AdapterPathError(f"{path / name} links outside the allowed adapter roots "
+                                       "(--adapter-dir, --allow-adapter-root); not loaded")

@@ -123,8 +123,8 @@ class Engine:
                 raise InvalidParams(
                     "prompt", f"{len(ids)} prompt tokens + {num_virtual_tokens} adapter virtual "
                               f"tokens + max_new_tokens {req.stopping.max_new_tokens} = {total} "
-                              f"exceeds {what} of {limit} tokens; shorten the prompt or lower "
-                              "max_new_tokens")
+                              f"exceeds {what} of {limit} tokens; shorten the prompt, lower "
+                              "max_new_tokens, or set truncate_prompt to drop its oldest tokens")
 
     def num_queued(self) -> int:
         """Requests accepted and not running (inbox, waiting, preempted); any thread."""

@@ -1,4 +1,6 @@
-"""`quiver adapters list|load|unload --server HOST:PORT`: manage a running server's adapters."""
+"""`quiver adapters list|load|unload --server HOST:PORT`: manage a running server's adapters.
+
+A server started with --admin-token wants that token: `--token T` or env QUIVER_TOKEN."""
 from __future__ import annotations
 
 import argparse
@@ -17,9 +19,12 @@ def add_parser(sub) -> None:
                            "(default: <adapter-dir>/<adapter_id>)")
     unload = verbs.add_parser("unload", help="unload an adapter (in-flight requests finish first)")
     unload.add_argument("adapter_id")
+    from runtime.server.client_options import add_connection_options
+
     for v in (ls, load, unload):
         v.add_argument("--server", required=True, help="HOST:PORT of a running `quiver serve`")
         v.add_argument("--json", action="store_true", help="JSON output")
+        add_connection_options(v)
     p.set_defaults(run=run)
 
 
@@ -27,9 +32,9 @@ def run(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from runtime.server.client import QuiverClient, rpc_error_message
+    from runtime.server.client import client_from_args, rpc_error_message
 
-    with QuiverClient(args.server, timeout=300) as q:
+    with client_from_args(args, timeout=300) as q:
         try:
             if args.verb == "list":
                 result = [MessageToDict(a, preserving_proto_field_name=True) for a in q.list_adapters()]

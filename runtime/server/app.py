@@ -12,6 +12,12 @@ running, so the in-flight streams keep flowing and health checks still get an an
 engine has no work, or the grace period is over, gRPC stops (a request still running then is
 cancelled, which frees its KV) and the engine thread ends.
 
+Every RPC passes two interceptors before a servicer: auth.py (bearer tokens: Adapters needs the
+admin token, Generation the API token when set; health and reflection stay open), then wire.py
+(the request is parsed inside the handler, so a malformed message is INVALID_ARGUMENT rather than
+gRPC's INTERNAL). Requests above --max-message-bytes are refused by gRPC itself
+(RESOURCE_EXHAUSTED). With --tls-cert/--tls-key the port speaks TLS only (tls.py).
+
 Tests build a server in-process with `build_server(ServerConfig(port=0, ...))` on a tiny model.
 """
 from __future__ import annotations
@@ -33,10 +39,12 @@ from runtime.config import ServerConfig
 from runtime.engine.engine import Engine, EngineConfig
 from runtime.engine.loop import EngineLoop
 from runtime.models.base import LoadedBase, load_base
+from runtime.server import auth, tls
 from runtime.server.core import Core
 from runtime.server.metrics import Metrics
 from runtime.server.servicers import AdaptersServicer, GenerationServicer
 from runtime.server.stubs import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from runtime.server.wire import DecodeGuard
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +52,21 @@ GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].fu
 ADAPTERS_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name
 #: gauges (adapters resident, running / waiting, KV usage) are refreshed at least this often
 GAUGE_REFRESH_S = 1.0
+#: HTTP/2 keepalive: a peer that vanished without closing its connection (a crashed client, a
+#: dropped NAT entry) is noticed within about a minute and its RPCs are cancelled, which gives
+#: back their gRPC worker thread and engine capacity.
+KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000)]
 
 
 def build_server(cfg: ServerConfig, base: LoadedBase | None = None,
                  interceptors: Sequence[grpc.ServerInterceptor] = ()) -> "QuiverServer":
     """Everything wired, nothing started. `base` skips loading (tests share one).
 
-    interceptors: run on every RPC before the servicers, e.g. the admin-token check that guards
-    the Adapters service (README "Security", hardening issue).
+    interceptors: extra ones, run on every RPC after the built-in token check (auth.py) and
+    before request decoding (wire.py) and the servicers.
     """
+    credentials = (tls.server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+                   if cfg.tls_cert else None)  # file errors before the slow model load
     base = base or load_base(cfg.model, cfg.quantize, cfg.dtype, cfg.device)
     registry = AdapterRegistry(base.model, num_slots=cfg.max_device_adapters, max_rank=cfg.max_lora_rank)
     store = AdapterStore(cfg.adapter_dir, cfg.allow_adapter_roots)
@@ -67,7 +81,9 @@ def build_server(cfg: ServerConfig, base: LoadedBase | None = None,
     loader.on_loaded, loader.on_failed = core.on_adapter_loaded, core.on_adapter_failed
     registry.on_evict = core.on_adapter_evicted
     metrics.set_base(base.describe(), base.model.base_bytes())
-    return QuiverServer(cfg, core, interceptors)
+    guard = auth.AuthInterceptor(auth.rules_for(cfg.host, cfg.admin_token, cfg.api_token),
+                                 on_refused=metrics.auth_refused)
+    return QuiverServer(cfg, core, (guard, *interceptors, DecodeGuard()), credentials)
 
 
 def host_port(host: str, port: int) -> str:
@@ -75,9 +91,11 @@ def host_port(host: str, port: int) -> str:
 
 
 class QuiverServer:
-    def __init__(self, cfg: ServerConfig, core: Core, interceptors: Sequence[grpc.ServerInterceptor] = ()):
+    def __init__(self, cfg: ServerConfig, core: Core, interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 credentials: grpc.ServerCredentials | None = None):
         self.cfg, self.core = cfg, core
         self.interceptors = tuple(interceptors)
+        self.credentials = credentials  # None: plaintext
         self.health = health.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -98,7 +116,7 @@ class QuiverServer:
             self.core.load_adapter(adapter_id)  # a bad preload fails start-up, loudly
         self.core.loop.start()
         self._grpc = self._make_grpc_server()
-        self.port = self._grpc.add_insecure_port(host_port(self.cfg.host, self.cfg.port))
+        self.port = self._bind(host_port(self.cfg.host, self.cfg.port))
         self._grpc.start()
         if self.cfg.metrics_port is not None:
             self._metrics_http, _ = self.core.metrics.serve_http(self.cfg.metrics_port, self.cfg.host)
@@ -107,8 +125,16 @@ class QuiverServer:
         self._refresher.start()
         for service in ("", GENERATION_SERVICE, ADAPTERS_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s", self.address)
+        log.info("serving on %s (%s)", self.address, "TLS" if self.credentials else "plaintext")
         return self
+
+    def _bind(self, address: str) -> int:
+        if self.credentials is not None:
+            return self._grpc.add_secure_port(address, self.credentials)
+        if not auth.is_loopback(self.cfg.host):
+            log.warning("serving plaintext on %s: requests, and any tokens, cross the network in "
+                        "clear text; set --tls-cert/--tls-key", self.cfg.host)
+        return self._grpc.add_insecure_port(address)
 
     def _make_grpc_server(self) -> grpc.Server:
         workers = self.cfg.grpc_workers
@@ -117,8 +143,12 @@ class QuiverServer:
             interceptors=self.interceptors,
             # one thread per in-flight RPC; beyond that gRPC answers RESOURCE_EXHAUSTED itself
             maximum_concurrent_rpcs=workers,
-            # never share the port with another process by accident
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 0),  # never share the port with another process by accident
+                # a larger request is refused by gRPC before it is parsed: RESOURCE_EXHAUSTED
+                ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
+                *KEEPALIVE_OPTIONS,
+            ],
         )
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.core), server)
         adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self.core), server)

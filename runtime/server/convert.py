@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from runtime.adapters.registry import AdapterInfo, AdapterState
 from runtime.engine.params import ResponseOptions, SamplingParams, StoppingParams, StopReason
 from runtime.engine.request import Output, TokenInfo
-from runtime.server.core import GenerateCall, Prompt
+from runtime.server.core import GenerateCall, Prompt, Truncation
 from runtime.server.metrics import adapter_type
 from runtime.server.stubs import adapters_pb2 as apb
 from runtime.server.stubs import generation_pb2 as gpb
@@ -58,6 +58,7 @@ def call_from_pb(req: gpb.GenerateRequest, default_max_new_tokens: int) -> Gener
         sampling=sampling_from_pb(p),
         stopping=stopping_from_pb(p, default_max_new_tokens),
         options=options_from_pb(p),
+        truncation=Truncation(max_tokens=p.truncate_input_tokens, to_fit=p.truncate_prompt),
     )
 
 
@@ -106,9 +107,11 @@ def input_tokens_to_pb(tokens: Sequence[TokenInfo]) -> list[gpb.Token]:
 
 
 def response_from_outputs(outputs: Sequence[Output], options: ResponseOptions,
-                          request_id: str = "", input_tokens: Sequence[TokenInfo] = ()) -> gpb.GenerateResponse:
+                          request_id: str = "", input_tokens: Sequence[TokenInfo] = (),
+                          truncated: int = 0) -> gpb.GenerateResponse:
     """One response for a run of Outputs: text concatenated, tokens in order, the counts and
-    stop reason of the last. A stream sends one per Output; Generate folds them all."""
+    stop reason of the last. A stream sends one per Output; Generate folds them all.
+    truncated: prompt tokens the request's truncation dropped."""
     last = outputs[-1]
     resp = gpb.GenerateResponse(
         text="".join(o.text for o in outputs),
@@ -117,6 +120,7 @@ def response_from_outputs(outputs: Sequence[Output], options: ResponseOptions,
         stop_reason=STOP_REASON_TO_PB[last.stop_reason if last.finished else None],
         request_id=request_id,
         input_tokens=input_tokens_to_pb(input_tokens),
+        truncated_input_tokens=truncated,
     )
     if wants_tokens(options):
         resp.tokens.extend(token_to_pb(t, options) for o in outputs for t in o.tokens)

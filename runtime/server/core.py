@@ -5,13 +5,14 @@
                                      Core.tokenize / model_info
 
 `submit` is the door to the engine. In order: parameters are validated against the server's
-limits, the prompt is tokenized (text, ids or chat messages), an adapter that is not registered
-is looked up as <adapter-dir>/<id> and loaded (off the step thread; the caller waits, the batch
-does not), and the request is handed to the EngineLoop, whose engine refuses what cannot fit
-(context, KV budget, queue). Anything refused here raises a domain exception that errors.py maps
-to a gRPC status, and counts as outcome "rejected" in the metrics; everything accepted is
-counted when it finishes (ok, cancelled or error), observed on the engine thread so a client
-that vanishes mid-stream is still counted.
+limits, the prompt's size is checked (--max-input-chars, before any tokenizer work) and it is
+tokenized (text, ids or chat messages), an adapter that is not registered is looked up as
+<adapter-dir>/<id> and loaded (off the step thread; the caller waits, the batch does not), the
+prompt is truncated if the request asked for it, and the request is handed to the EngineLoop,
+whose engine refuses what cannot fit (context, KV budget, queue). Anything refused here raises a
+domain exception that errors.py maps to a gRPC status, and counts as outcome "rejected" in the
+metrics; everything accepted is counted when it finishes (ok, cancelled or error), observed on
+the engine thread so a client that vanishes mid-stream is still counted.
 """
 from __future__ import annotations
 
@@ -69,20 +70,51 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class Truncation:
+    """What a request allows to be cut from its prompt (the oldest tokens go; BOS stays)."""
+
+    max_tokens: int = 0  # keep at most this many prompt tokens; 0 = no cap
+    to_fit: bool = False  # cut until prompt + virtual tokens + max_new_tokens fit the context
+
+    def validate(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise InvalidParams("truncate_input_tokens", f"must be an integer >= 0 (0 = off), "
+                                                         f"got {self.max_tokens!r}")
+
+
+@dataclass(frozen=True)
 class GenerateCall:
     adapter_id: str
     prompt: Prompt
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stopping: StoppingParams = field(default_factory=StoppingParams)
     options: ResponseOptions = field(default_factory=ResponseOptions)
+    truncation: Truncation = field(default_factory=Truncation)
+
+
+def truncate_prompt_ids(ids: list[int], keep: int, bos_id: int | None) -> list[int]:
+    """The last `keep` tokens of `ids`; a leading BOS stays first (and counts in `keep`), since
+    a Llama-family model without its BOS at position 0 drifts badly.
+
+        truncate_prompt_ids([1, 5, 6, 7], 3, bos_id=1) == [1, 6, 7]
+    """
+    if keep >= len(ids):
+        return list(ids)
+    if keep <= 0:
+        return []
+    if bos_id is not None and ids[0] == bos_id:
+        return [ids[0]] + (ids[len(ids) - keep + 1:] if keep > 1 else [])
+    return list(ids[len(ids) - keep:])
 
 
 class Handle:
     """An accepted request: iterate for its Outputs (the last has finished=True)."""
 
-    def __init__(self, req: GenerationRequest, stream: RequestStream, input_tokens: list[TokenInfo]):
+    def __init__(self, req: GenerationRequest, stream: RequestStream, input_tokens: list[TokenInfo],
+                 truncated: int = 0):
         self.request_id = req.request_id
         self.input_tokens = input_tokens  # filled only when the request asked for them
+        self.truncated = truncated  # prompt tokens dropped by truncation
         self._stream = stream
 
     def __iter__(self):
@@ -104,6 +136,7 @@ class Core:
         self.registry, self.store, self.loader, self.metrics = registry, store, loader, metrics
         self.tokenizer = base.tokenizer
         self.limits = RequestLimits(max_new_tokens=cfg.max_new_tokens)
+        self.max_input_chars = cfg.max_input_chars
         self.default_max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, cfg.max_new_tokens)
         # transformers re-applies truncation / padding settings on the shared Rust tokenizer per
         # call; concurrent calls can collide ("Already borrowed"), so encoding is serialised.
@@ -118,23 +151,55 @@ class Core:
         try:
             for params in (call.sampling, call.stopping, call.options):
                 params.validate(self.limits)
-            ids = self.encode(call.prompt)
+            call.truncation.validate()
+            full = self.encode(call.prompt)
             if call.adapter_id:
                 self._ensure_adapter(call.adapter_id, wait_s)
+            ids = self._truncate(full, call)
             req = GenerationRequest(ids, call.adapter_id, call.sampling, call.stopping, call.options)
             stream = self.loop.submit(req, observer=self._observer(call.adapter_id, t0))
         except Exception:
             self._rejected(call.adapter_id, t0)
             raise
         echo = self._token_infos(ids) if call.options.input_tokens else []
-        return Handle(req, stream, echo)
+        return Handle(req, stream, echo, truncated=len(full) - len(ids))
+
+    def _truncate(self, ids: list[int], call: GenerateCall) -> list[int]:
+        """The prompt cut as the request allows (Truncation); unchanged when it asks nothing."""
+        keep, t = len(ids), call.truncation
+        if t.max_tokens:
+            keep = min(keep, t.max_tokens)
+        if t.to_fit:
+            virtual = self.registry.get(call.adapter_id).num_virtual_tokens if call.adapter_id else 0
+            room = self.max_context_tokens() - virtual - call.stopping.max_new_tokens
+            if room < 1:
+                raise InvalidParams(
+                    "max_new_tokens", f"{call.stopping.max_new_tokens} + {virtual} adapter virtual "
+                    f"tokens leave no room for a prompt in the context of {self.max_context_tokens()} "
+                    "tokens; lower max_new_tokens")
+            keep = min(keep, room)
+        return ids if keep == len(ids) else truncate_prompt_ids(ids, keep, self.base.config.bos_token_id)
+
+    def max_context_tokens(self) -> int:
+        """Prompt + virtual tokens + max_new_tokens of one request must fit in this."""
+        return min(self.base.config.max_position_embeddings, self.engine.config.kv_cache_tokens)
+
+    def check_prompt_size(self, prompt: Prompt) -> None:
+        """Refuse oversize text before the tokenizer spends time on it (--max-input-chars)."""
+        chars = len(prompt.text) + sum(len(r) + len(c) for r, c in prompt.messages)
+        if chars > self.max_input_chars:
+            field_name = "text" if prompt.text else "messages"
+            raise InvalidParams(field_name, f"is {chars} characters; this server accepts at most "
+                                            f"{self.max_input_chars} (--max-input-chars)")
 
     def encode(self, prompt: Prompt) -> list[int]:
         given = [name for name, v in (("text", prompt.text), ("input_ids", prompt.ids),
                                       ("messages", prompt.messages)) if v]
         if len(given) != 1:
             raise InvalidParams("text", "exactly one of text, input_ids or messages must be set"
-                                        + (f" (got {', '.join(given)})" if given else ""))
+                                        + (f" (got {', '.join(given)})" if given else
+                                           ": the prompt is empty"))
+        self.check_prompt_size(prompt)
         if prompt.ids:
             return list(prompt.ids)
         with self._tok_lock:
@@ -193,6 +258,7 @@ class Core:
 
     def tokenize(self, prompt: Prompt, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
         if prompt.text and not add_special_tokens:
+            self.check_prompt_size(prompt)
             with self._tok_lock:
                 ids = list(self.tokenizer(prompt.text, add_special_tokens=False)["input_ids"])
         else:
@@ -206,7 +272,7 @@ class Core:
         d = b.describe()
         return dict(model=d["model"] or b.model_dir, architecture=cfg.architecture,
                     quantize=d["quantize"], dtype=d["dtype"], device=d["device"],
-                    max_context_tokens=min(cfg.max_position_embeddings, ec.kv_cache_tokens),
+                    max_context_tokens=self.max_context_tokens(),
                     max_new_tokens=self.limits.max_new_tokens, vocab_size=cfg.vocab_size,
                     eos_token_ids=list(cfg.eos_token_ids),
                     max_device_adapters=self.registry.num_slots, max_lora_rank=self.registry.max_rank,
@@ -286,6 +352,8 @@ def load_failure_reason(error: BaseException) -> str:
         return "format"
     if isinstance(error, AdapterPathError):
         return "path"
+    if isinstance(error, AdapterNotFound):  # loader.AdapterVanished
+        return "missing"
     if isinstance(error, AdapterBusy):
         return "busy"
     if isinstance(error, OSError):

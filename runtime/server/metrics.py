@@ -15,7 +15,6 @@ claiming a label, so junk ids can never use up the N.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 
 from prometheus_client import (CollectorRegistry, GCCollector, Gauge, Histogram, Info,
                                PlatformCollector, ProcessCollector, start_http_server)
@@ -34,7 +33,8 @@ OUTCOMES = ("ok", "cancelled", "error", "rejected")
 STATES = ("host", "device", "loading")
 #: "unknown": an adapter still loading (its config is not read yet).
 TYPES = ("lora", "dora", "adalora", "prompt_tuning", "p_tuning", "prefix_tuning", "unknown")
-LOAD_FAILURE_REASONS = ("format", "path", "io", "busy", "other")
+#: "missing": the adapter directory disappeared while it was being read.
+LOAD_FAILURE_REASONS = ("format", "path", "missing", "io", "busy", "other")
 
 
 class AdapterLabels:
@@ -42,8 +42,9 @@ class AdapterLabels:
 
     def __init__(self, max_labels: int):
         self.max_labels = max_labels
+        # Only the labelled ids are remembered: a per-id record of every adapter ever seen would
+        # grow without bound on a server whose adapters come and go (soak test).
         self._labelled: set[str] = set()
-        self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def __call__(self, adapter_id: str | None) -> str:
@@ -53,7 +54,6 @@ class AdapterLabels:
         if not adapter_id:
             return BASE_LABEL
         with self._lock:
-            self._counts[adapter_id] += 1
             if adapter_id in self._labelled:
                 return adapter_id
             if len(self._labelled) < self.max_labels:
@@ -112,6 +112,9 @@ class Metrics:
                                       ("reason",), registry=r)
         for reason in LOAD_FAILURE_REASONS:  # every reason present from the start, at 0
             self.load_failures.labels(reason)
+        self.auth_refusals = PCounter("quiver_auth_refusals_total",
+                                      "Calls refused by access control (missing / wrong token)",
+                                      ("service", "code"), registry=r)
         self.base_info = Info("quiver_base_model", "The base model served", registry=r)
         self.base_bytes = Gauge("quiver_base_model_bytes", "Resident bytes of the base model",
                                 ("part",), registry=r)
@@ -157,6 +160,10 @@ class Metrics:
     def adapter_load_failed(self, reason: str) -> None:
         """reason: one of LOAD_FAILURE_REASONS."""
         self.load_failures.labels(reason).inc()
+
+    def auth_refused(self, service: str, code: str) -> None:
+        """service: the gRPC service's full name (two values); code: the status name."""
+        self.auth_refusals.labels(service, code).inc()
 
     def adapter_evicted(self) -> None:
         self.evictions.inc()

@@ -4,6 +4,10 @@ Prints one line when ready, `quiver serving on HOST:PORT (metrics :P)` (scripts 
 for it; with --port 0 it carries the port actually bound). SIGTERM or SIGINT starts a drain
 (app.py): intake stops, in-flight requests get --grace-period seconds to finish, then the process
 exits 0. A second signal exits at once (status 130).
+
+Secrets: --admin-token / --api-token on the command line are visible to other local users in
+`ps`; the environment variables QUIVER_ADMIN_TOKEN / QUIVER_API_TOKEN are the better carrier (a
+flag, when given, wins). Neither is ever printed or logged.
 """
 from __future__ import annotations
 
@@ -52,6 +56,23 @@ def add_parser(sub) -> None:
                     help=f"waiting requests before RESOURCE_EXHAUSTED (default {d.max_queue}; 0 = no cap)")
     en.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                     help=f"cap on a request's max_new_tokens (default {d.max_new_tokens})")
+    sec = p.add_argument_group("security and limits (README \"Security and limits\")")
+    sec.add_argument("--admin-token", default=None, metavar="TOKEN",
+                     help="bearer token the Adapters service requires (default: env "
+                          "QUIVER_ADMIN_TOKEN; none: Adapters is open on a loopback bind and "
+                          "disabled on any other)")
+    sec.add_argument("--api-token", default=None, metavar="TOKEN",
+                     help="bearer token Generation requires (default: env QUIVER_API_TOKEN; none: open)")
+    sec.add_argument("--tls-cert", default=None, metavar="PEM", help="certificate chain: serve TLS only")
+    sec.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
+    sec.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                     help="CA bundle for client certificates: every client must present one (mTLS)")
+    sec.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                     help=f"largest request accepted (default {d.max_message_bytes}); "
+                          "larger ones are RESOURCE_EXHAUSTED")
+    sec.add_argument("--max-input-chars", type=int, default=d.max_input_chars,
+                     help=f"longest prompt text, or chat contents together (default {d.max_input_chars}); "
+                          "longer is INVALID_ARGUMENT")
     ops = p.add_argument_group("operations")
     ops.add_argument("--grace-period", type=float, default=d.grace_period_s,
                      help=f"seconds in-flight requests get after SIGTERM (default {d.grace_period_s:g})")
@@ -75,6 +96,10 @@ def config_from_args(args: argparse.Namespace):
         kv_cache_tokens=args.kv_cache_tokens, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, grace_period_s=args.grace_period,
         metrics_max_adapter_labels=args.metrics_max_adapter_labels,
+        admin_token=args.admin_token or os.environ.get("QUIVER_ADMIN_TOKEN"),
+        api_token=args.api_token or os.environ.get("QUIVER_API_TOKEN"),
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        max_message_bytes=args.max_message_bytes, max_input_chars=args.max_input_chars,
     )
 
 

@@ -1,6 +1,8 @@
 """The gRPC servicers: convert pb -> domain, call the Core, convert domain -> pb. Nothing else.
 
-Errors are raised as domain exceptions and mapped to statuses by errors.py. A client that
+Errors are raised as domain exceptions and mapped to statuses by errors.py. Access control
+(auth.py) and request decoding (wire.py) happen in interceptors before a servicer runs, so no
+method here sees a token or a malformed message. A client that
 cancels, or whose deadline passes, ends its RPC; the RPC's done-callback cancels the engine
 request, which frees its KV blocks and adapter slot at the next engine step.
 """
@@ -32,7 +34,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         call, handle = self._submit(request, context)
         outputs = list(handle)
         return convert.response_from_outputs(outputs, call.options, handle.request_id,
-                                             handle.input_tokens)
+                                             handle.input_tokens, handle.truncated)
 
     @errors.stream
     def GenerateStream(self, request, context):
@@ -40,7 +42,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         echo = handle.input_tokens
         for out in handle:
             if convert.worth_sending(out, call.options, echo_pending=bool(echo)):
-                yield convert.response_from_outputs([out], call.options, handle.request_id, echo)
+                yield convert.response_from_outputs([out], call.options, handle.request_id, echo,
+                                                    handle.truncated)
                 echo = []
 
     @errors.unary
