@@ -1,8 +1,13 @@
 # Quiver on an NVIDIA GPU: `quiver serve` on 0.0.0.0:8033 (gRPC), metrics on :9090.
 #
 #   docker build -t quiver .
-#   docker run --gpus all -p 8033:8033 -p 9090:9090 -v $PWD/adapters:/adapters quiver \
+#   docker run --gpus all -p 8033:8033 -p 9090:9090 -v $PWD/adapters:/adapters \
+#       -e QUIVER_ADMIN_TOKEN="$(cat admin.token)" quiver \
 #       quiver serve --host 0.0.0.0 --adapter-dir /adapters
+#
+# On 0.0.0.0 the Adapters service (load / unload) answers PERMISSION_DENIED until an admin token
+# is set (QUIVER_ADMIN_TOKEN, or --admin-token); QUIVER_API_TOKEN guards Generation, and
+# --tls-cert/--tls-key (mounted PEM files) turn on TLS. README "Security and limits".
 #
 # The embedded SmolLM2-135M-Instruct is converted to a safetensors directory at build time (into
 # QUIVER_HOME), so a container starts serving without that one-off conversion. For another base,

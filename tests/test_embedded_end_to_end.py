@@ -128,7 +128,10 @@ def test_adapters_on_embedded_equal_peft(model_dir, tokenizer, tmp_path):
     prompts = [(ids[i], name) for i, name in enumerate(ADAPTERS)] + [(ids[0], "")]
     got = quiver_greedy(model_dir, tokenizer, "none", prompts, paths, n_tokens=12)
     for (prompt, name), tokens in zip(prompts[:-1], got):
-        assert tokens == peft_greedy(load_peft_model(base, paths[name]), prompt, 12), name
+        peft = load_peft_model(base, paths[name])
+        # PEFT's cached generate is right for LoRA; prompt learning needs the slow uncached loop
+        expected = hf_greedy(peft, prompt)[:12] if name in ("lora", "dora") else peft_greedy(peft, prompt, 12)
+        assert tokens == expected, name
     assert got[-1] == hf_greedy(base, ids[0])[:12]
 
 
