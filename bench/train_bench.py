@@ -54,7 +54,7 @@ class QuiverPeer:
         self.total_steps = self.trainer.total_steps
 
     def step(self) -> int:
-        return self.trainer._train_step()[1]
+        return self.trainer.train_step()[1]
 
     def accuracy(self) -> float:
         return self.trainer.evaluate()[1]

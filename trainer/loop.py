@@ -54,6 +54,8 @@ class Trainer:
 
     # ---- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Everything before the first step. Seeds torch's global RNG with --seed (dropout and the
+        adapter's initial weights draw from it), so a caller's own RNG state is not preserved."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         if self.base is None:
@@ -83,7 +85,7 @@ class Trainer:
         bar = _progress_bar(cfg, self.total_steps, self.step)
         start = time.perf_counter() - self.summary.seconds  # a resumed run continues the clock
         while self.step < self.total_steps:
-            loss, tokens = self._train_step()
+            loss, tokens = self.train_step()
             self.summary.tokens += tokens
             self.summary.seconds = time.perf_counter() - start
             bar.update(1)
@@ -98,7 +100,7 @@ class Trainer:
             self._record_eval()
         return export_adapter(self.method, cfg.output, cfg, self._finish_summary())
 
-    def _train_step(self) -> tuple[float, int]:
+    def train_step(self) -> tuple[float, int]:
         """One optimizer step over grad_accum packed micro-batches: (mean token loss, tokens)."""
         batches = [pack([self.train_examples[i] for i in idx]).to(self.device)
                    for idx in self.schedule.step_batches(self.step)]

@@ -16,7 +16,9 @@ magnitude m [out], initialised to the rows' norms ||W||:
 
 The norm is treated as a constant in backward (detached), as the paper and PEFT do. In the
 runtime's slot form this is the factor f = m / ||W + s B A|| and
-`y = W x + (f - 1) ⊙ W x + f ⊙ s B A x` (runtime/nn/lora.py).
+`y = W x + (f - 1) ⊙ W x + f ⊙ s B A x` (runtime/nn/lora.py). With --dropout, dropout hits the
+low-rank branch's input only (PEFT's DoRA also feeds the dropped input to the (f - 1) W x term
+while training); inference has no dropout, so the saved adapter means the same either way.
 
 How slot 0 becomes trainable: each targeted projection's `LoraSlots` tensors A [2, r, in],
 B [2, out, r] (and DoRA's f [2, out]) are parametrized (torch.nn.utils.parametrize) so that
