@@ -106,21 +106,11 @@ def base_rows(args, base, hf) -> list[list[object]]:
 
 
 def random_lora_dir(root, i: int, cfg, rank: int = 16) -> str:
-    """A PEFT-format LoRA (all seven projections) with random weights, via Quiver's writer."""
-    from runtime.adapters.peft_format import write_adapter
+    """A PEFT-format LoRA (all seven projections) with random weights (bench/adapters.py)."""
+    from bench.adapters import write_lora
 
-    g = torch.Generator().manual_seed(i)
-    tensors = {}
-    for name in cfg.linear_module_names():
-        leaf = name.rsplit(".", 1)[-1]
-        fan_in, fan_out = cfg.linear_shapes()[leaf]
-        key = f"base_model.model.{name}"
-        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.02
-        tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.02
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-              "target_modules": sorted(cfg.linear_shapes()), "lora_dropout": 0.0, "bias": "none"}
     path = f"{root}/lora-{i}"
-    write_adapter(path, config, tensors)
+    write_lora(cfg, path, seed=i, rank=rank)
     return path
 
 

@@ -37,11 +37,9 @@ from pathlib import Path
 
 import torch
 
-from runtime.adapters.peft_format import write_adapter
 from runtime.config import ModelConfig
 from runtime.models.hf import load_model_config, resolve_model_dir
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOPICS = ["the ocean", "a quiet library", "mountain weather", "old computers", "city gardens",
           "night trains", "bread baking", "chess openings", "desert plants", "jazz records",
           "river bridges", "winter birds", "paper maps", "street food", "lighthouses", "clocks"]
@@ -84,22 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- adapters and prompts ------------------------------------------------------------------------
 def make_adapters(cfg: ModelConfig, root: Path, n: int, rank: int) -> list[str]:
     """n random LoRA adapters on every projection of every layer, in PEFT's on-disk format."""
-    shapes = cfg.linear_shapes()
-    ids = []
+    from bench.adapters import write_lora
+
     for i in range(n):
-        g = torch.Generator().manual_seed(1000 + i)
-        tensors = {}
-        for name in cfg.linear_module_names():
-            fan_in, fan_out = shapes[name.rsplit(".", 1)[-1]]
-            key = f"base_model.model.{name}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in ** 0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.02
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-                  "target_modules": PROJECTIONS, "lora_dropout": 0.0, "bias": "none",
-                  "base_model_name_or_path": cfg.name}
-        write_adapter(root / f"a{i}", config, tensors)
-        ids.append(f"a{i}")
-    return ids
+        write_lora(cfg, root / f"a{i}", seed=1000 + i, rank=rank)
+    return [f"a{i}" for i in range(n)]
 
 
 def prompts(n: int) -> list[str]:
