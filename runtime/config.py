@@ -5,6 +5,7 @@ import, and they serialise (names, not classes).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,13 @@ class ModelConfig:
             )
         self.eos_token_ids = tuple(self.eos_token_ids)
 
+    def with_stop_ids(self, *more: Any) -> "ModelConfig":
+        """This config with extra end-of-sequence ids (ints, lists or None) added, order kept."""
+        ids = list(self.eos_token_ids)
+        for m in more:
+            ids += [i for i in token_ids(m) if i not in ids]
+        return dataclasses.replace(self, eos_token_ids=tuple(ids))
+
     @property
     def kv_dim(self) -> int:
         """Width of one key (or value) row over all KV heads."""
@@ -120,8 +128,7 @@ class ModelConfig:
         rope_theta = float(rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0)
         rope.setdefault("rope_type", rope.pop("type", "default"))
         num_heads = d["num_attention_heads"]
-        eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        eos_ids = token_ids(d.get("eos_token_id"))
         return cls(
             architecture=arch,
             vocab_size=d["vocab_size"],
@@ -256,3 +263,10 @@ class ServerConfig:
         for name in ("max_message_bytes", "max_input_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def token_ids(value: Any) -> tuple[int, ...]:
+    """An HF `eos_token_id` field (an int, a list of ints, or null) as a tuple."""
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)

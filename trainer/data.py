@@ -46,8 +46,14 @@ class Example:
         return sum(self.labels[1:])
 
 
-def load_examples(path: str | Path, tokenizer, max_seq_len: int) -> list[Example]:
-    """All usable examples of a JSONL file, in file order."""
+def load_examples(path: str | Path, tokenizer, max_seq_len: int,
+                  fallback_eos: int | None = None) -> list[Example]:
+    """All usable examples of a JSONL file, in file order.
+
+    Completions end with the tokenizer's end-of-sequence token, or `fallback_eos` (the model
+    config's) when the tokenizer names none: the server stops on either, so what is trained to
+    end does end when served.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: training data file not found")
@@ -58,7 +64,7 @@ def load_examples(path: str | Path, tokenizer, max_seq_len: int) -> list[Example
                 continue
             row = _parse_line(path, line_no, line)
             try:
-                ids, labels = tokenize_row(row, tokenizer)
+                ids, labels = tokenize_row(row, tokenizer, fallback_eos)
             except ValueError as e:
                 raise DataError(f"{path}:{line_no}: {e}") from None
             ex = Example(tuple(ids[:max_seq_len]), tuple(labels[:max_seq_len]), line_no)
@@ -84,15 +90,16 @@ def _parse_line(path: Path, line_no: int, line: str) -> dict[str, Any]:
     return row
 
 
-def tokenize_row(row: dict[str, Any], tokenizer) -> tuple[list[int], list[bool]]:
+def tokenize_row(row: dict[str, Any], tokenizer, fallback_eos: int | None = None) -> tuple[list[int], list[bool]]:
     """(ids, labels) of one parsed row; ValueError says what is wrong with it."""
     keys = set(row)
     if keys == {"prompt", "completion"}:
-        return _prompt_completion(_text(row, "prompt", allow_empty=True), _text(row, "completion"), tokenizer)
+        return _prompt_completion(_text(row, "prompt", allow_empty=True), _text(row, "completion"), tokenizer,
+                                  _eos(tokenizer, fallback_eos))
     if keys == {"messages"}:
         return _messages(row["messages"], tokenizer)
     if keys == {"text"}:
-        ids = tokenizer(_text(row, "text"))["input_ids"] + _eos(tokenizer)
+        ids = tokenizer(_text(row, "text"))["input_ids"] + _eos(tokenizer, fallback_eos)
         return ids, [True] * len(ids)
     raise ValueError(
         f"unrecognised row keys {sorted(keys)}: expected {{\"prompt\", \"completion\"}}, "
@@ -109,13 +116,14 @@ def _text(row: dict, key: str, allow_empty: bool = False) -> str:
     return value
 
 
-def _eos(tokenizer) -> list[int]:
-    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+def _eos(tokenizer, fallback: int | None) -> list[int]:
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else fallback
+    return [] if eos is None else [eos]
 
 
-def _prompt_completion(prompt: str, completion: str, tokenizer) -> tuple[list[int], list[bool]]:
+def _prompt_completion(prompt: str, completion: str, tokenizer, eos: list[int]) -> tuple[list[int], list[bool]]:
     p = tokenizer(prompt)["input_ids"] if prompt else []
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
     return p + c, [False] * len(p) + [True] * len(c)
 
 

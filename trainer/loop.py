@@ -61,8 +61,10 @@ class Trainer:
         if self.base is None:
             self.base = load_base(cfg.model, cfg.quantize, cfg.dtype, cfg.device)
         self.model, self.device = self.base.model, self.base.device
-        self.train_examples = load_examples(cfg.data, self.base.tokenizer, cfg.max_seq_len)
-        self.eval_examples = load_examples(cfg.eval_data, self.base.tokenizer, cfg.max_seq_len) if cfg.eval_data else []
+        eos = next(iter(self.base.config.eos_token_ids), None)
+        self.train_examples = load_examples(cfg.data, self.base.tokenizer, cfg.max_seq_len, eos)
+        self.eval_examples = (load_examples(cfg.eval_data, self.base.tokenizer, cfg.max_seq_len, eos)
+                              if cfg.eval_data else [])
         self.schedule = Schedule(len(self.train_examples), cfg.batch_size, cfg.grad_accum, cfg.seed)
         self.total_steps = self.schedule.total_steps(cfg.epochs, cfg.max_steps)
         self.method = build_method(cfg, self.model, self.base.tokenizer, self.total_steps)

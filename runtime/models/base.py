@@ -65,8 +65,11 @@ def load_base(model: str | None = None, quantize: str = "nf4", dtype: str | None
     dt = resolve_dtype(dtype, dev)
     quant = QuantConfig(method=quantize)
     model_dir = resolve_model_dir(model)
-    cfg = load_model_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    # Stop on the tokenizer's end-of-sequence token too: it is what the trainer (and HF SFT
+    # recipes) append to every completion, and bases whose config.json names another id exist.
+    cfg = load_model_config(model_dir).with_stop_ids(tokenizer.eos_token_id)
     weights = {k: v.to(dev) for k, v in load_state_dict(model_dir).items()}
     decoder = DecoderModel(cfg, weights, quant, dt).to(dev).eval()
     log.info("loaded %s (%s, %s, %s)", cfg.name or model_dir, quant.method, dt, dev)
-    return LoadedBase(decoder, load_tokenizer(model_dir), cfg, str(model_dir), quant, dev, dt)
+    return LoadedBase(decoder, tokenizer, cfg, str(model_dir), quant, dev, dt)

@@ -73,7 +73,17 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
             f"{model_dir} is a pre-quantized checkpoint (quantization_config: {method}); Quiver "
             "quantizes a full-precision (fp32/fp16/bf16) base itself"
         )
-    return ModelConfig.from_hf_dict(d, name=str(model_dir))
+    return ModelConfig.from_hf_dict(d, name=str(model_dir)).with_stop_ids(_generation_eos(Path(model_dir)))
+
+
+def _generation_eos(model_dir: Path):
+    """`eos_token_id` of generation_config.json: transformers' `generate` stops on these ids
+    (often a list that adds the chat template's end-of-turn token to config.json's one)."""
+    path = model_dir / "generation_config.json"
+    try:
+        return json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

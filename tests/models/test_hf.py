@@ -329,3 +329,25 @@ def test_qwen2_sliding_window_without_layer_types(use_sliding_window, max_window
             load_model_config(tmp_path)
     else:
         assert load_model_config(tmp_path).sliding_window == window
+
+
+def test_stop_ids_join_config_generation_config_and_tokenizer(tmp_path):
+    """transformers' generate stops on generation_config's ids; trainers append the tokenizer's."""
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from runtime.models.base import load_base
+    from tests.peft_factory import make_tiny_tokenizer
+
+    build(CASES["llama"][0]).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": 2}))
+    GenerationConfig(eos_token_id=[2, 7]).save_pretrained(tmp_path)
+    make_tiny_tokenizer(tmp_path, vocab_size=32)
+    tok = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    tok.eos_token = "w9"
+    tok.save_pretrained(tmp_path)
+
+    assert load_model_config(tmp_path).eos_token_ids == (2, 7)
+    base = load_base(str(tmp_path), quantize="none", dtype="float32", device="cpu")
+    assert base.config.eos_token_ids == (2, 7, 9)
+    assert base.model.cfg.eos_token_ids == (2, 7, 9)  # what the engine stops on

@@ -110,3 +110,12 @@ def test_schedule_covers_each_epoch_once_and_is_a_function_of_seed_and_step():
     assert s.step_batches(4) == Schedule(10, 2, 2, 3).step_batches(4)
     assert s.epoch_order(0) != s.epoch_order(1)
     assert torch.equal(torch.tensor(s.epoch_order(1)), torch.tensor(Schedule(10, 2, 2, 3).epoch_order(1)))
+
+
+def test_completion_ends_with_the_models_eos_when_the_tokenizer_has_none(tmp_path, tok):
+    """The server stops on config.json's eos too, so a trained answer must learn to end with it."""
+    assert tok.eos_token_id is None
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "w5", "completion": "w8"}, {"text": "w6"}])
+    a, b = load_examples(path, tok, 64, fallback_eos=4)
+    assert a.ids == (5, 8, 4) and a.labels == (False, True, True)
+    assert b.ids == (6, 4)
