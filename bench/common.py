@@ -62,3 +62,21 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def goal_line(what: str, value: float, op: str, goal: float, unit: str = "") -> str:
+    """One verdict line: met, or missed and by how much (relative to the goal).
+
+        goal_line("multi-adapter / base", 0.83, ">=", 0.9, "x")
+        -> "- Goal multi-adapter / base >= 0.9x: **missed** (0.83x, 7.8% short)"
+    """
+    if op not in (">=", "<=", "<", ">"):
+        raise ValueError(f"op must be one of >=, <=, <, >; got {op!r}")
+    head = f"- Goal {what} {op} {goal:g}{unit}:"
+    if value != value:  # NaN: nothing was measured
+        return f"{head} **not measured**"
+    met = {">=": value >= goal, ">": value > goal, "<=": value <= goal, "<": value < goal}[op]
+    if met:
+        return f"{head} **met** ({value:.3g}{unit})"
+    off = abs(value - goal) / abs(goal) * 100 if goal else float("inf")
+    return f"{head} **missed** ({value:.3g}{unit}, {off:.1f}% {'short' if op[0] == '>' else 'over'})"

@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from bench.common import machine_line, table, versions_line
+from bench.common import goal_line, machine_line, table, versions_line
 
 DATA, TEST = "tests/data/facts_train.jsonl", "tests/data/facts_test.jsonl"
 RANK, ALPHA = 16, 32
@@ -158,6 +158,62 @@ def _rate(s: dict, clock: str = "times") -> float:
     return statistics.median(t / sec for t, sec in zip(s["tokens"][1:], s[clock][1:]))
 
 
+def measure(batch: int, steps: int | None, no_ckpt_peer: bool = True,
+            to_accuracy: bool = False) -> tuple[dict[str, dict], dict[str, float]]:
+    """Build the peers, step them round robin; (per-peer step stats, held-out accuracy if asked).
+    `steps` counts the warm-up step; None = the whole learning task."""
+    from transformers.utils import logging as hf_logging
+
+    from runtime.models.embedded import embedded_model_dir
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    model_dir = str(embedded_model_dir())
+    with tempfile.TemporaryDirectory() as out:
+        peers = {"quiver train": QuiverPeer(model_dir, out, batch, steps),
+                 "peft + bnb (grad ckpt)": PeftPeer(model_dir, True, batch, steps)}
+        if no_ckpt_peer:
+            peers["peft + bnb (no ckpt)"] = PeftPeer(model_dir, False, batch, steps)
+        stats = run_round_robin(peers)
+        accuracy = {name: peer.accuracy() for name, peer in peers.items()} if to_accuracy else {}
+    return stats, accuracy
+
+
+def result_table(stats: dict[str, dict], accuracy: dict[str, float]) -> str:
+    ours, ours_cpu = _rate(stats["quiver train"]), _rate(stats["quiver train"], "cpu")
+    rows = []
+    for name, s in stats.items():
+        row = [name, f"{statistics.median(s['times'][1:]):.2f}", f"{_rate(s):.1f}", f"{ours / _rate(s):.2f}x",
+               f"{statistics.median(s['cpu'][1:]):.2f}", f"{_rate(s, 'cpu'):.1f}", f"{ours_cpu / _rate(s, 'cpu'):.2f}x"]
+        rows.append(row + ([f"{sum(s['times']):.0f}", f"{accuracy[name]:.1%}"] if accuracy else []))
+    headers = ["peer", "wall s / step", "tokens / s", "quiver speed-up", "CPU s / step", "tokens / CPU s",
+               "quiver speed-up (CPU)"] + (["task wall s", "held-out acc"] if accuracy else [])
+    return table(headers, rows)
+
+
+def report_rows(quick: bool = False, plot=None) -> str:
+    """The report's training section (bench/run.py): the main() peers, round robin, as markdown
+    with its command, sizes, table and a verdict on the goal (quiver >= 1.5x PEFT tokens/s).
+    `plot(name, draw)` -> markdown image link (bench.run.Report.plot), or None for no figure."""
+    batch, timed = (8, 3) if quick else (8, 6)  # quick: main()'s defaults
+    stats, _ = measure(batch, timed + 1)
+    ours = _rate(stats["quiver train"])
+    verdicts = [goal_line(f"quiver tokens/s / {name} tokens/s", ours / _rate(s), ">=", 1.5, "x")
+                for name, s in stats.items() if name != "quiver train"]
+    text = (f"Command: `python -m bench.train_bench --batch-size {batch} --steps {timed}` (same peers, "
+            f"round robin). LoRA r={RANK} alpha {ALPHA} all-linear on the NF4 embedded model, fp32 "
+            f"compute, batch {batch}, median of {timed} timed steps after one warm-up step; "
+            f"{torch.get_num_threads()} torch threads. Goal: quiver >= 1.5x PEFT QLoRA tokens/s "
+            f"(wall clock; the CPU-clock column is the steadier one on a shared machine).\n\n"
+            + result_table(stats, {}) + "\n\n" + "\n".join(verdicts))
+    if plot is not None:
+        names = list(stats)
+        text += "\n\n" + plot("train", lambda ax: (
+            ax.bar(names, [_rate(stats[n]) for n in names]), ax.set_ylabel("training tokens/s (wall)"),
+            ax.set_title(f"LoRA r={RANK}, NF4 base, batch {batch}"), ax.tick_params(axis="x", labelsize=8)))
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3, help="timed steps per peer (after one warm-up step)")
@@ -168,33 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    from runtime.models.embedded import embedded_model_dir
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
     full = args.to_accuracy
     batch, steps = (TASK["batch_size"], None) if full else (args.batch_size, args.steps + 1)
-    model_dir = str(embedded_model_dir())
-    with tempfile.TemporaryDirectory() as out:
-        peers = {"quiver train": QuiverPeer(model_dir, out, batch, steps),
-                 "peft + bnb (grad ckpt)": PeftPeer(model_dir, True, batch, steps)}
-        if not args.skip_peft_no_ckpt:
-            peers["peft + bnb (no ckpt)"] = PeftPeer(model_dir, False, batch, steps)
-        stats = run_round_robin(peers)
-        accuracy = {name: peer.accuracy() for name, peer in peers.items()} if full else {}
-    ours, ours_cpu = _rate(stats["quiver train"]), _rate(stats["quiver train"], "cpu")
-    rows = []
-    for name, s in stats.items():
-        row = [name, f"{statistics.median(s['times'][1:]):.2f}", f"{_rate(s):.1f}", f"{ours / _rate(s):.2f}x",
-               f"{statistics.median(s['cpu'][1:]):.2f}", f"{_rate(s, 'cpu'):.1f}", f"{ours_cpu / _rate(s, 'cpu'):.2f}x"]
-        rows.append(row + ([f"{sum(s['times']):.0f}", f"{accuracy[name]:.1%}"] if full else []))
-    headers = ["peer", "wall s / step", "tokens / s", "quiver speed-up", "CPU s / step", "tokens / CPU s",
-               "quiver speed-up (CPU)"] + (["task wall s", "held-out acc"] if full else [])
+    stats, accuracy = measure(batch, steps, not args.skip_peft_no_ckpt, full)
     print(f"\n## Training: LoRA r={RANK} all-linear, NF4 base, fp32 compute, batch {batch}\n")
     print(f"{machine_line()}, {torch.get_num_threads()} torch threads  \n{versions_line()}\n")
-    print(table(headers, rows))
+    print(result_table(stats, accuracy))
     return 0
 
 
