@@ -156,49 +156,63 @@ def bench_quiver(args, adapter_dir: Path, adapter_ids: list[str], texts: list[st
 
 
 # ---- PEFT ------------------------------------------------------------------------------------------
-def bench_peft(args, model_dir: Path, adapter_dir: Path, adapter_ids: list[str], texts: list[str]) -> PhaseResult:
-    import warnings
+class PeftServer:
+    """Hugging Face PEFT on transformers (+ bitsandbytes when quantized) with several adapters
+    loaded once; `generate` runs one greedy batch, row i with adapter_ids[i] (`adapter_names=`)."""
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from transformers.utils import logging as hf_logging
+    def __init__(self, args, model_dir: Path, adapter_dir: Path, adapter_ids: list[str]):
+        import warnings
 
-    hf_logging.disable_progress_bar()
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        from transformers.utils import logging as hf_logging
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype, torch.float32)
-    if device == "cuda" and args.dtype is None:
-        dtype = torch.bfloat16
-    quant = None
-    if args.quantize != "none":
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quantize,
-                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=quant,
-                                                    dtype=dtype, device_map=device)
-        model = PeftModel.from_pretrained(base, str(adapter_dir / adapter_ids[0]), adapter_name=adapter_ids[0])
-        for a in adapter_ids[1:]:
-            model.load_adapter(str(adapter_dir / a), adapter_name=a)
-    model.eval()
-    batch = tok(texts, return_tensors="pt", padding=True).to(device)
+        hf_logging.disable_progress_bar()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype, torch.float32)
+        if self.device == "cuda" and args.dtype is None:
+            dtype = torch.bfloat16
+        quant = None
+        if args.quantize != "none":
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quantize,
+                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token or self.tok.unk_token  # a tiny test tokenizer has no EOS
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=quant,
+                                                        dtype=dtype, device_map=self.device)
+            self.model = PeftModel.from_pretrained(base, str(adapter_dir / adapter_ids[0]),
+                                                   adapter_name=adapter_ids[0])
+            for a in adapter_ids[1:]:
+                self.model.load_adapter(str(adapter_dir / a), adapter_name=a)
+        self.model.eval()
 
-    def generate(n):
+    def generate(self, texts: list[str], adapter_ids: list[str], new_tokens: int) -> int:
+        """Exactly new_tokens greedy tokens per row; returns the generated token count."""
+        batch = self.tok(texts, return_tensors="pt", padding=True).to(self.device)
         with torch.no_grad():
-            return model.generate(**batch, adapter_names=adapter_ids, max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=tok.pad_token_id)
+            out = self.model.generate(**batch, adapter_names=adapter_ids, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False,
+                                      pad_token_id=self.tok.pad_token_id)
+        return (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
 
-    generate(2)  # warm-up
-    t0 = time.perf_counter()
-    tokens = 0
-    for _ in range(args.requests):
-        out = generate(args.new_tokens)
-        tokens += (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
-    return PhaseResult("peft-mixed", len(texts) * args.requests, tokens, time.perf_counter() - t0, [])
+    def phase(self, name: str, texts: list[str], adapter_ids: list[str], new_tokens: int,
+              requests: int = 1, warmup: bool = True) -> PhaseResult:
+        """A 2-token warm-up (unless warmup=False), then `requests` timed batches of all texts."""
+        if warmup:
+            self.generate(texts, adapter_ids, 2)
+        t0 = time.perf_counter()
+        tokens = sum(self.generate(texts, adapter_ids, new_tokens) for _ in range(requests))
+        return PhaseResult(name, len(texts) * requests, tokens, time.perf_counter() - t0, [])
+
+
+def bench_peft(args, model_dir: Path, adapter_dir: Path, adapter_ids: list[str], texts: list[str]) -> PhaseResult:
+    """peft-mixed: all prompts in one batch, prompt i with adapter i, --requests times."""
+    peft = PeftServer(args, model_dir, adapter_dir, adapter_ids)
+    return peft.phase("peft-mixed", texts, adapter_ids, args.new_tokens, args.requests)
 
 
 # ---- report ----------------------------------------------------------------------------------------
