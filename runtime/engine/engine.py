@@ -316,6 +316,9 @@ class Engine:
 
     # ---- forward + sample ---------------------------------------------------------------------
     def _run(self, plan: list[tuple[Sequence, int]]) -> None:
+        # Rows of one adapter side by side: each adapter's tokens form one run, and the LoRA
+        # runs path pays one matmul pair per adapter rather than per row (runtime/nn/lora.py).
+        plan = sorted(plan, key=lambda p: p[0].slot)
         seqs = [s for s, _ in plan]
         q_lens = [n for _, n in plan]
         tokens, positions, logit_rows, sampled = [], [], [], []

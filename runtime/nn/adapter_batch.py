@@ -1,9 +1,12 @@
 """Which adapter slot each token of a packed batch uses, computed once per step.
 
 Passed explicitly to every layer's forward (LoRAX `AdapterBatchMetadata`), never through globals
-or hooks. It also picks the LoRA fast path for the whole step: grouping tokens by slot pays one
-matmul pair per distinct adapter (good for prefill and for few adapters), gathering per-token
-weights pays a copy per token (good for decode over many distinct adapters).
+or hooks. It also picks the LoRA fast path for the whole step:
+- runs: tokens of one slot that sit next to each other in the packed batch form a run (a whole
+  prompt chunk, or consecutive decode rows: the engine orders rows by slot), and each run pays one
+  matmul pair on views of x and of the slot's weights, nothing copied;
+- gather: per-token weight gather + bmm, a fixed handful of ops whatever the mix, which wins on
+  CUDA when nearly every token is its own run (per-run kernel launches outweigh the copies).
 """
 from __future__ import annotations
 
@@ -11,16 +14,24 @@ from dataclasses import dataclass
 
 import torch
 
-#: Use the gather path when the step has at least this many distinct adapters and on average
-#: fewer than GATHER_MAX_ROWS_PER_SLOT tokens per adapter (measured on CPU, bench/).
-GATHER_MIN_SLOTS = 4
-GATHER_MAX_ROWS_PER_SLOT = 4
+#: On CUDA, use the gather path when the step has at least this many runs and on average fewer
+#: than GATHER_MAX_TOKENS_PER_RUN tokens per run: there every op is a kernel launch, and copying
+#: weights is cheap. On CPU the runs path measured faster at every mix (8..64 distinct adapters,
+#: 1..4 rows each: bench/decode_bench.py --adapters), so CPU never gathers.
+GATHER_MIN_RUNS = 4
+GATHER_MAX_TOKENS_PER_RUN = 4
+
+
+def prefer_gather(num_runs: int, num_tokens: int, device_type: str) -> bool:
+    """The cost rule behind `AdapterBatch.use_gather` (see the constants above)."""
+    return (device_type == "cuda" and num_runs >= GATHER_MIN_RUNS
+            and num_tokens < GATHER_MAX_TOKENS_PER_RUN * num_runs)
 
 
 @dataclass
 class AdapterBatch:
     token_slots: torch.Tensor  # [T] slot per token; `none_slot` (= S, the zero slot) for base rows
-    groups: list[tuple[int, torch.Tensor]]  # (slot, token indices [n]) for each distinct adapter
+    runs: list[tuple[int, int, int]]  # (slot, start, end): token ranges of one LoRA slot
     adapter_rows: torch.Tensor  # [n] tokens that carry an adapter
     adapter_row_slots: torch.Tensor  # [n] their slots
     use_gather: bool
@@ -29,7 +40,7 @@ class AdapterBatch:
 
     @property
     def has_lora(self) -> bool:
-        return bool(self.groups)
+        return bool(self.runs)
 
     @classmethod
     def build(cls, row_slots: list[int], row_lens: list[int], none_slot: int, *,
@@ -42,21 +53,28 @@ class AdapterBatch:
         index too, but add nothing to the projections).
         """
         per_token: list[int] = []
+        runs: list[tuple[int, int, int]] = []
         for slot, n in zip(row_slots, row_lens):
             s = slot if slot in lora_slots else none_slot
+            start = len(per_token)
             per_token.extend([s] * n)
+            if s == none_slot or n == 0:
+                continue
+            if runs and runs[-1][0] == s and runs[-1][2] == start:
+                runs[-1] = (s, runs[-1][1], start + n)  # the next row of the same slot
+            else:
+                runs.append((s, start, start + n))
         token_slots = torch.tensor(per_token, dtype=torch.long)
         rows = (token_slots != none_slot).nonzero()[:, 0]
-        groups = [(int(s), (token_slots == s).nonzero()[:, 0].to(device))
-                  for s in torch.unique(token_slots[rows]).tolist()]
-        n_rows = rows.numel()
-        gather = len(groups) >= GATHER_MIN_SLOTS and n_rows < GATHER_MAX_ROWS_PER_SLOT * len(groups)
+        gather = prefer_gather(len(runs), rows.numel(), torch.device(device or "cpu").type)
         if force_path is not None:
+            if force_path not in ("runs", "gather"):
+                raise ValueError(f"force_path must be 'runs' or 'gather', not {force_path!r}")
             gather = force_path == "gather"
-        used = {s for s, _ in groups}
+        used = {s for s, _, _ in runs}
         return cls(
             token_slots=token_slots.to(device),
-            groups=groups,
+            runs=runs,
             adapter_rows=rows.to(device),
             adapter_row_slots=token_slots[rows].to(device),
             use_gather=gather,

@@ -8,15 +8,19 @@ Every targeted projection computes, for each token t of the packed batch with ad
 where f[s] = magnitude / ||W + scale * B A||_row is fixed at load (the base is frozen), and b0 is
 the base projection's own bias. Slot weights are preallocated [S + 1, ...] tensors, rank padded
 to `max_rank`; slot S is always zero, so base-model rows (and slots an adapter does not target)
-add nothing and the forward never branches per adapter.
+add nothing and the forward never branches per adapter. B is stored transposed (`Bt`, [r, out]
+per slot) so that the second matmul reads it row-major: addmm with a transposed operand costs
+about twice as much on CPU for these skinny shapes.
 
 Two fast paths, chosen once per step by `AdapterBatch` (runtime/nn/adapter_batch.py):
-- grouped: for each distinct slot, one matmul pair over its rows (prefill, few adapters);
-- gather: per-token weight gather + bmm (decode over many distinct adapters).
+- runs: one matmul pair per run of consecutive same-slot tokens, on views (nothing copied),
+  the second fused with the add (addmm); a run over the whole batch (training, one adapter)
+  skips the scatter too;
+- gather: per-token weight gather + bmm (many single-token runs).
 `lora_delta_reference` is the plain per-token loop both are tested against.
 
 Training (trainer/) uses these same modules with one slot. It makes slot 0 trainable without any
-code here: `torch.nn.utils.parametrize` replaces `A` / `B` / `dora` by tensors whose slot 0 is
+code here: `torch.nn.utils.parametrize` replaces `A` / `Bt` / `dora` by tensors whose slot 0 is
 computed from the trainer's parameters (LoRA A/B, DoRA magnitude, AdaLoRA P * Lambda, Q), so the
 forward below is exactly the served one. The one training hook is `dropout`: PEFT's
 `lora_dropout` on the LoRA branch's input (an Identity when serving).
@@ -39,14 +43,22 @@ class LoraSlots(nn.Module):
         self.num_slots, self.max_rank = num_slots, max_rank
         self.A = nn.Parameter(torch.zeros(n, max_rank, in_features, dtype=dtype, device=device),
                               requires_grad=False)  # [S+1, r, in]
-        self.B = nn.Parameter(torch.zeros(n, out_features, max_rank, dtype=dtype, device=device),
-                              requires_grad=False)  # [S+1, out, r]
+        self.Bt = nn.Parameter(torch.zeros(n, max_rank, out_features, dtype=dtype, device=device),
+                               requires_grad=False)  # [S+1, r, out] (PEFT's lora_B transposed)
         self.register_buffer("scale", torch.zeros(n, dtype=dtype, device=device))  # [S+1]
         self.register_buffer("bias", torch.zeros(n, out_features, dtype=dtype, device=device))
         self.register_buffer("dora", torch.ones(n, out_features, dtype=dtype, device=device))
-        self.ranks = [0] * n  # true rank per slot (python ints: the grouped path slices by them)
+        self.ranks = [0] * n  # true rank per slot (python ints: the runs path slices by them)
+        self.scales = [0.0] * n  # `scale` as python floats (addmm's alpha)
+        self.has_bias = [False] * n  # LoRA bias (PEFT `lora_bias`) per slot: skip the add if not
+        #: slot -> (A[slot, :r].T, Bt[slot, :r]) views, made once at load rather than per call
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         #: training hook: dropout on the LoRA branch's input (PEFT `lora_dropout`); Identity serving
         self.dropout: nn.Module = nn.Identity()
+
+    @property
+    def out_features(self) -> int:
+        return self.Bt.shape[2]
 
     def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float,
                  bias: torch.Tensor | None = None, dora: torch.Tensor | None = None) -> None:
@@ -55,29 +67,56 @@ class LoraSlots(nn.Module):
         with torch.no_grad():
             self.reset_slot(slot)
             self.A[slot, :r].copy_(A)
-            self.B[slot, :, :r].copy_(B)
-            self.scale[slot] = scale
+            self.Bt[slot, :r].copy_(B.T)
             if bias is not None:
                 self.bias[slot].copy_(bias * scale)
+                self.has_bias[slot] = True
             if dora is not None:
                 self.dora[slot].copy_(dora)
-        self.ranks[slot] = r
+        self.bind_slot(slot, r, scale)
+        self._views[slot] = (self.A[slot, :r].T, self.Bt[slot, :r])
+
+    def bind_slot(self, slot: int, rank: int, scale: float) -> None:
+        """Set a slot's true rank and scale (the trainer calls this for the slot it trains)."""
+        with torch.no_grad():
+            self.scale[slot] = scale
+        self.ranks[slot], self.scales[slot] = rank, float(scale)
+        self._views.pop(slot, None)
 
     def reset_slot(self, slot: int) -> None:
         with torch.no_grad():
             self.A[slot].zero_()
-            self.B[slot].zero_()
+            self.Bt[slot].zero_()
             self.scale[slot] = 0
             self.bias[slot].zero_()
             self.dora[slot].fill_(1)
-        self.ranks[slot] = 0
+        self.ranks[slot], self.scales[slot] = 0, 0.0
+        self.has_bias[slot] = False
+        self._views.pop(slot, None)
+
+    def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T [in, r], B^T [r, out]) of a slot at its true rank."""
+        views = self._views.get(slot)
+        if views is None:  # a slot the trainer parametrizes: its tensors change every step
+            r = self.ranks[slot]
+            views = (self.A[slot, :r].T, self.Bt[slot, :r])
+        return views
+
+    def _apply(self, fn, *args, **kwargs):
+        self._views.clear()  # .to() / .cuda() move the storage the cached views point into
+        out = super()._apply(fn, *args, **kwargs)
+        for slot, r in enumerate(self.ranks):
+            if r and not torch.nn.utils.parametrize.is_parametrized(self):
+                self._views[slot] = (self.A[slot, :r].T, self.Bt[slot, :r])
+        return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, ab: AdapterBatch,
                 base_bias: torch.Tensor | None) -> torch.Tensor:
         # x: [T, in], y = base(x): [T, out]
-        delta = lora_delta(self, self.dropout(x), ab)  # [T, out], scaled, with lora bias
+        x = self.dropout(x)
         if not ab.any_dora:
-            return y + delta
+            return y + _delta_gather(self, x, ab) if ab.use_gather else _add_runs(self, x, y, ab)
+        delta = lora_delta(self, x, ab)  # [T, out], scaled, with lora bias
         f = self.dora[ab.token_slots]  # [T, out]
         y0 = y if base_bias is None else y - base_bias
         return y + ((f - 1) * y0 + f * delta)
@@ -85,36 +124,45 @@ class LoraSlots(nn.Module):
 
 def lora_delta(m: LoraSlots, x: torch.Tensor, ab: AdapterBatch) -> torch.Tensor:
     """scale[s_t] * (B[s_t] @ A[s_t] @ x[t] + bias[s_t]) for every token t: [T, out]."""
-    if ab.use_gather:
-        return _delta_gather(m, x, ab)
-    return _delta_grouped(m, x, ab)
+    zeros = x.new_zeros(x.shape[0], m.out_features)
+    return zeros + _delta_gather(m, x, ab) if ab.use_gather else _add_runs(m, x, zeros, ab)
 
 
-def _delta_grouped(m: LoraSlots, x: torch.Tensor, ab: AdapterBatch) -> torch.Tensor:
-    out = x.new_zeros(x.shape[0], m.B.shape[1])
-    for slot, rows in ab.groups:
-        r = m.ranks[slot]
-        if r == 0:
-            continue
-        xs = x[rows]  # [n, in]
-        d = (xs @ m.A[slot, :r].T) @ m.B[slot, :, :r].T  # [n, out]
-        out[rows] = d * m.scale[slot] + m.bias[slot]
-    return out
+def _targeted_runs(m: LoraSlots, ab: AdapterBatch) -> list[tuple[int, int, int]]:
+    return [(slot, a, b) for slot, a, b in ab.runs if m.ranks[slot]]  # slots this module targets
+
+
+def _run_add(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, slot: int) -> torch.Tensor:
+    """y + one slot's delta for the tokens of one run: x [n, in], y [n, out] -> [n, out]."""
+    At, Bt = m.weights(slot)  # [in, r], [r, out]
+    out = torch.addmm(y, x @ At, Bt, alpha=m.scales[slot])  # y + s * (x A^T) B^T
+    return out + m.bias[slot] if m.has_bias[slot] else out
+
+
+def _add_runs(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, ab: AdapterBatch) -> torch.Tensor:
+    """y + lora_delta(m, x, ab): each run's delta is added into its own rows (one fused addmm)."""
+    runs = _targeted_runs(m, ab)
+    if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == x.shape[0]:
+        return _run_add(m, x, y, runs[0][0])  # one adapter over every token: training, identical
+    y = y.clone()  # the caller's y stays as it was
+    for slot, a, b in runs:
+        y[a:b] = _run_add(m, x[a:b], y[a:b], slot)
+    return y
 
 
 def _delta_gather(m: LoraSlots, x: torch.Tensor, ab: AdapterBatch) -> torch.Tensor:
     rows, slots = ab.adapter_rows, ab.adapter_row_slots  # [n], [n]
-    out = x.new_zeros(x.shape[0], m.B.shape[1])
+    out = x.new_zeros(x.shape[0], m.out_features)
     xa = torch.bmm(m.A[slots], x[rows][:, :, None])  # [n, r, in] @ [n, in, 1] -> [n, r, 1]
-    d = torch.bmm(m.B[slots], xa)[:, :, 0]  # [n, out, r] @ [n, r, 1] -> [n, out]
+    d = torch.bmm(xa.transpose(1, 2), m.Bt[slots])[:, 0]  # [n, 1, r] @ [n, r, out] -> [n, out]
     out[rows] = d * m.scale[slots][:, None] + m.bias[slots]
     return out
 
 
 def lora_delta_reference(m: LoraSlots, x: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
     """The plain per-token loop that defines `lora_delta`."""
-    out = x.new_zeros(x.shape[0], m.B.shape[1])
+    out = x.new_zeros(x.shape[0], m.out_features)
     for t in range(x.shape[0]):
         s = int(token_slots[t])
-        out[t] = m.scale[s] * (m.B[s] @ (m.A[s] @ x[t])) + m.bias[s]  # bias is stored pre-scaled
+        out[t] = m.scale[s] * (m.Bt[s].T @ (m.A[s] @ x[t])) + m.bias[s]  # bias is stored pre-scaled
     return out

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.nn.adapter_batch import AdapterBatch
+from runtime.nn.adapter_batch import AdapterBatch, prefer_gather
 from runtime.nn.lora import LoraSlots, lora_delta, lora_delta_reference
 
 IN, OUT, SLOTS, MAX_R = 24, 40, 6, 8
@@ -41,7 +41,7 @@ def test_delta_fast_paths_equal_reference(case):
     x = torch.randn(sum(lens), IN, generator=torch.Generator().manual_seed(case["seed"] + 1))
     lora = {s for s, r in enumerate(case["ranks"]) if r > 0}
     ref = None
-    for path in ("grouped", "gather"):
+    for path in ("runs", "gather"):
         ab = AdapterBatch.build(row_slots, lens, SLOTS, lora_slots=lora, force_path=path)
         got = lora_delta(m, x, ab)
         if ref is None:
@@ -89,8 +89,28 @@ def test_reset_slot_is_a_no_op_slot():
     assert torch.equal(m(x, y, ab, None), y)
 
 
+def test_runs_merge_neighbouring_rows_of_one_slot():
+    """Consecutive rows of one slot make one run; base rows and untargeted slots make none."""
+    ab = AdapterBatch.build([2, 2, SLOTS, 2, 1, 1, 4], [3, 1, 2, 1, 1, 1, 2], SLOTS, lora_slots={1, 2})
+    assert ab.runs == [(2, 0, 4), (2, 6, 7), (1, 7, 9)]
+
+
+def test_one_run_over_every_token_equals_reference():
+    """The training / single-adapter shortcut (no scatter) against the per-token loop."""
+    m = filled_slots(3, [4, 8, 2, 0, 1, 5], [False] * SLOTS)
+    for slot in (0, 1):  # without and with a LoRA bias
+        ab = AdapterBatch.build([slot, slot], [5, 3], SLOTS, lora_slots={slot})
+        assert ab.runs == [(slot, 0, 8)] and not ab.use_gather
+        x = torch.randn(8, IN)
+        assert torch.allclose(lora_delta(m, x, ab), lora_delta_reference(m, x, ab.token_slots),
+                              atol=1e-5, rtol=1e-5)
+
+
 def test_path_choice():
-    """Few adapters with many tokens each -> grouped; many distinct single-token rows -> gather."""
+    """CPU always takes runs (measured faster at every mix); CUDA gathers for many tiny runs."""
     prefill = AdapterBatch.build([0, 1], [50, 40], SLOTS, lora_slots={0, 1})
     decode = AdapterBatch.build(list(range(SLOTS)), [1] * SLOTS, SLOTS, lora_slots=set(range(SLOTS)))
-    assert not prefill.use_gather and decode.use_gather
+    assert not prefill.use_gather and not decode.use_gather
+    assert prefer_gather(num_runs=SLOTS, num_tokens=SLOTS, device_type="cuda")
+    assert not prefer_gather(num_runs=2, num_tokens=90, device_type="cuda")
+    assert not prefer_gather(num_runs=SLOTS, num_tokens=SLOTS, device_type="cpu")

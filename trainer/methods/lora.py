@@ -21,7 +21,7 @@ low-rank branch's input only (PEFT's DoRA also feeds the dropped input to the (f
 while training); inference has no dropout, so the saved adapter means the same either way.
 
 How slot 0 becomes trainable: each targeted projection's `LoraSlots` tensors A [2, r, in],
-B [2, out, r] (and DoRA's f [2, out]) are parametrized (torch.nn.utils.parametrize) so that
+Bt [2, r, out] (and DoRA's f [2, out]) are parametrized (torch.nn.utils.parametrize) so that
 slot 0 is computed from this module's parameters on every access and slot 1 stays the zero
 slot. The served forward then runs unchanged, with autograd flowing into the parameters.
 """
@@ -135,11 +135,9 @@ class LoraFamilyMethod(AdapterMethod):
     # ---- wiring into the runtime's slots ----------------------------------------------------
     def _attach(self, lin: AdaptedLinear, delta: nn.Module) -> None:
         lora = lin.lora
-        with torch.no_grad():
-            lora.scale[SLOT] = delta.scale
-        lora.ranks[SLOT] = self.slot_rank
+        lora.bind_slot(SLOT, self.slot_rank, delta.scale)
         parametrize.register_parametrization(lora, "A", SlotFromParams(delta.slot_A))
-        parametrize.register_parametrization(lora, "B", SlotFromParams(delta.slot_B))
+        parametrize.register_parametrization(lora, "Bt", SlotFromParams(lambda: delta.slot_B().T))
         if self.use_dora:
             parametrize.register_parametrization(lora, "dora", SlotFromParams(delta.slot_factor))
         if self.cfg.dropout > 0:
