@@ -111,7 +111,11 @@ def run(args: argparse.Namespace) -> int:
     stop = _install_signal_handlers(server)
     metrics = f"metrics :{server.metrics_port}" if server.metrics_port is not None else "metrics off"
     print(f"quiver serving on {server.address} ({metrics})", flush=True)
-    stop.wait()
+    # Poll rather than block: the kernel may deliver SIGTERM to any thread (engine, gRPC, torch
+    # workers), and Python only runs the handler when the main thread next executes bytecode; a
+    # main thread parked forever in a lock wait would never see the signal.
+    while not stop.wait(0.2):
+        pass
     drained = server.shutdown()
     print(f"quiver stopped ({'drained' if drained else 'grace period over; the rest were cancelled'})",
           flush=True)
