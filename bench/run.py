@@ -215,9 +215,9 @@ def pct(xs: list[float], q: float) -> float:
 def run_load(client, jobs: list[tuple[str, str]], new_tokens: int, streams: int,
              started: threading.Event | None = None) -> dict:
     """Jobs (adapter id, prompt) as streamed requests, `streams` in flight at once; figures:
-    tokens/s over the wall time, per-request TTFT and TPOT, every inter-token gap (seconds).
-    `started` is set once some stream has its second token (decoding is under way)."""
-    ttft, tpot, gaps, total = [], [], [], [0]
+    tokens/s over the wall time, per-request TTFT and TPOT, every inter-token gap (seconds) and
+    its span (perf_counter start, end). `started` is set once some stream has its second token."""
+    ttft, tpot, gaps, spans, total = [], [], [], [], [0]
     lock = threading.Lock()
 
     def one(job):
@@ -235,12 +235,14 @@ def run_load(client, jobs: list[tuple[str, str]], new_tokens: int, streams: int,
             if len(stamps) > 1:
                 tpot.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
                 gaps.extend(b - a for a, b in zip(stamps, stamps[1:]))
+                spans.extend(zip(stamps, stamps[1:]))
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(min(streams, len(jobs))) as pool:
         list(pool.map(one, jobs))
     wall = time.perf_counter() - t0
-    return {"tokens_per_s": total[0] / wall, "wall_s": wall, "ttft": ttft, "tpot": tpot, "gaps": gaps}
+    return {"tokens_per_s": total[0] / wall, "wall_s": wall, "ttft": ttft, "tpot": tpot, "gaps": gaps,
+            "spans": spans}
 
 
 def run_phases(client, phases: dict[str, list[tuple[str, str]]], new_tokens: int, streams: int,
@@ -515,26 +517,28 @@ def sec_hotload(rep: Report, lab: Lab) -> None:
     srv.warm(ids, sz.hot_streams)
     jobs = list(zip(ids, prompts(sz.hot_streams)))
     steady = run_load(srv.client, jobs, sz.hot_tokens, sz.hot_streams)
-    load_ms, during, started = [], {}, threading.Event()
+    windows, during, started = [], {}, threading.Event()  # windows: (start, end) of each LoadAdapter
     t = threading.Thread(target=lambda: during.update(run_load(srv.client, jobs, sz.hot_tokens, sz.hot_streams, started)))
-    t0 = time.perf_counter()
     t.start()
     started.wait(timeout=600)
     for a in hot:
         l0 = time.perf_counter()
         srv.client.load_adapter(a, str(lab.root / a))
-        load_ms.append((time.perf_counter() - l0) * 1e3)
-    loads_done = time.perf_counter() - t0
+        windows.append((l0, time.perf_counter()))
     t.join()
-    overlapped = loads_done < during["wall_s"]
+    load_ms = [(b - a) * 1e3 for a, b in windows]
+    # gaps that overlap a load (the goal's figure) vs all gaps of the same run
+    hit = [b - a for a, b in during["spans"] if any(a < w1 and b > w0 for w0, w1 in windows)]
+    overlapped = len(hit) > 0 and windows[-1][1] < max(b for _, b in during["spans"])
     step = statistics.median(steady["gaps"])
-    worst = max(during["gaps"]) / step
+    worst = max(hit, default=float("nan")) / step
     rows = [["LoadAdapter RPC p50 ms (read + validate, r=16 all projections)", statistics.median(load_ms)],
             ["LoadAdapter RPC max ms", max(load_ms)],
             ["median inter-token gap without loads, ms", step * 1e3],
             ["max inter-token gap without loads, ms", max(steady["gaps"]) * 1e3],
-            ["max inter-token gap while loading, ms", max(during["gaps"]) * 1e3],
-            ["max gap while loading / median step", worst]]
+            ["max inter-token gap overlapping a load, ms", worst * step * 1e3],
+            ["max inter-token gap anywhere in the run with loads, ms", max(during["gaps"]) * 1e3],
+            ["max gap overlapping a load / median step", worst]]
     img = rep.plot("hotload", lambda ax: (
         ax.hist([g * 1e3 for g in steady["gaps"]], bins=30, alpha=0.6, label="no loads"),
         ax.hist([g * 1e3 for g in during["gaps"]], bins=30, alpha=0.6, label=f"{sz.hot_loads} loads"),
@@ -548,7 +552,7 @@ def sec_hotload(rep: Report, lab: Lab) -> None:
                 f"{'finished while the streams ran' if overlapped else 'outlasted the streams: the gap figure misses part of them'}.\n\n"
                 + table(["figure", "value"], rows) + "\n\n"
                 + goal_line("LoadAdapter p50", statistics.median(load_ms), "<", 100, " ms") + "\n"
-                + goal_line("max inter-token gap while loading", worst, "<=", 2, " steps") + "\n\n" + img)
+                + goal_line("max inter-token gap overlapping a load", worst, "<=", 2, " steps") + "\n\n" + img)
 
 
 def sec_train(rep: Report, lab: Lab) -> None:
