@@ -69,6 +69,18 @@ def floor_fn(model, batch: int):
     return run
 
 
+def head_fn(model, batch: int):
+    """The lm_head matmul of one decode step: the model's one linear layer that QLoRA (and
+    transformers + bnb) leave unquantized, and that every decode step pays for every row."""
+    x = torch.randn(batch, model.lm_head_weight.shape[1], dtype=model.lm_head_weight.dtype)
+
+    def run():
+        with torch.no_grad():
+            torch.nn.functional.linear(x, model.lm_head_weight)
+
+    return run
+
+
 def hf_nf4_model():
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
