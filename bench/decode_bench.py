@@ -81,14 +81,16 @@ def head_fn(model, batch: int):
     return run
 
 
-def hf_nf4_model():
+def hf_nf4_model(model_dir=None):
+    """transformers + bitsandbytes on `model_dir` (default: the embedded model) with Quiver's
+    quantization: NF4, double quantization, blocksize 64, fp32 compute."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from runtime.models.embedded import embedded_model_dir
 
     cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(str(embedded_model_dir()), quantization_config=cfg,
+    return AutoModelForCausalLM.from_pretrained(str(model_dir or embedded_model_dir()), quantization_config=cfg,
                                                 device_map="cpu", dtype=torch.float32).eval()
 
 

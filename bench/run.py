@@ -158,15 +158,12 @@ class Lab:
     def hf(self):
         """A fresh transformers + bitsandbytes NF4 model of the lab's model, decode_bench's config
         (double quant, fp32 compute). Never shared: PEFT wraps it in place."""
-        import torch
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
         from transformers.utils import logging as hf_logging
 
+        from bench.decode_bench import hf_nf4_model
+
         hf_logging.disable_progress_bar()
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)
-        return AutoModelForCausalLM.from_pretrained(str(self.model_dir), quantization_config=bnb,
-                                                    device_map="cpu", dtype=torch.float32).eval()
+        return hf_nf4_model(self.model_dir)
 
     @property
     def served(self) -> "Served":
