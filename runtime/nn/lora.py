@@ -146,7 +146,11 @@ def _add_runs(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, ab: AdapterBatch) 
         return _run_add(m, x, y, runs[0][0])  # one adapter over every token: training, identical
     y = y.clone()  # the caller's y stays as it was
     for slot, a, b in runs:
-        y[a:b] = _run_add(m, x[a:b], y[a:b], slot)
+        At, Bt = m.weights(slot)
+        rows = y[a:b]  # a view: the addmm_ writes the run's rows in place
+        rows.addmm_(x[a:b] @ At, Bt, alpha=m.scales[slot])
+        if m.has_bias[slot]:
+            rows += m.bias[slot]
     return y
 
 
