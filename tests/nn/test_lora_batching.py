@@ -114,3 +114,15 @@ def test_path_choice():
     assert prefer_gather(num_runs=SLOTS, num_tokens=SLOTS, device_type="cuda")
     assert not prefer_gather(num_runs=2, num_tokens=90, device_type="cuda")
     assert not prefer_gather(num_runs=SLOTS, num_tokens=SLOTS, device_type="cpu")
+
+
+def test_moved_module_uses_its_new_storage():
+    """.to() replaces the slot tensors; the cached per-slot views must follow them."""
+    m = filled_slots(4, [4, 8, 2, 3, 1, 5], [False] * SLOTS).double()
+    with torch.no_grad():
+        m.A[2].mul_(3)  # written after the move: a stale view would miss it
+    ab = AdapterBatch.build([2, 0, 2], [2, 3, 1], SLOTS, lora_slots={0, 2})
+    x = torch.randn(6, IN, dtype=torch.float64)
+    got = lora_delta(m, x, ab)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, lora_delta_reference(m, x, ab.token_slots), atol=1e-9, rtol=1e-9)
