@@ -226,7 +226,7 @@ class AdapterRegistry:
 
     def _take_slot(self) -> int:
         if self._free_slots:
-            return self._free_slots.pop()
+            return self._pop_lowest_free()
         for slot, victim_id in self._lru.items():  # oldest first
             victim = self._entries[victim_id]
             if victim.pins == 0:
@@ -234,8 +234,15 @@ class AdapterRegistry:
                 self.evictions += 1
                 if self.on_evict is not None:
                     self.on_evict(victim_id)
-                return self._free_slots.pop()
+                return self._pop_lowest_free()
         raise NoFreeSlot(f"all {self.num_slots} device adapter slots are in use by running requests")
+
+    def _pop_lowest_free(self) -> int:
+        """The lowest free slot: resident adapters stay packed at the bottom of the slot range,
+        which the LoRA slab path reads as one block (runtime/nn/adapter_batch.py)."""
+        slot = min(self._free_slots)
+        self._free_slots.remove(slot)
+        return slot
 
     def slot_sets(self) -> tuple[set[int], set[int], set[int]]:
         """(LoRA slots, DoRA slots, embedding-LoRA slots) currently filled."""

@@ -12,12 +12,13 @@ add nothing and the forward never branches per adapter. B is stored transposed (
 per slot) so that the second matmul reads it row-major: addmm with a transposed operand costs
 about twice as much on CPU for these skinny shapes.
 
-Two fast paths, chosen once per step by `AdapterBatch` (runtime/nn/adapter_batch.py):
+Three fast paths, chosen once per step by `AdapterBatch` (runtime/nn/adapter_batch.py):
 - runs: one matmul pair per run of consecutive same-slot tokens, on views (nothing copied),
   the second fused with the add (addmm); a run over the whole batch (training, one adapter)
   skips the scatter too;
-- gather: per-token weight gather + bmm (many single-token runs).
-`lora_delta_reference` is the plain per-token loop both are tested against.
+- slab: decode over many adapters on CPU: two bmm over views of the slot range the step uses;
+- gather: per-token weight gather + bmm (CUDA, many single-token runs).
+`lora_delta_reference` is the plain per-token loop all three are tested against.
 
 Training (trainer/) uses these same modules with one slot. It makes slot 0 trainable without any
 code here: `torch.nn.utils.parametrize` replaces `A` / `Bt` / `dora` by tensors whose slot 0 is
@@ -28,6 +29,7 @@ forward below is exactly the served one. The one training hook is `dropout`: PEF
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from runtime.nn.adapter_batch import AdapterBatch
@@ -115,6 +117,9 @@ class LoraSlots(nn.Module):
         # x: [T, in], y = base(x): [T, out]
         x = self.dropout(x)
         if not ab.any_dora:
+            if ab.path == "slab":
+                d = _delta_slab(self, x, ab)
+                return y if d is None else y.index_add(0, ab.adapter_rows, d)
             return y + _delta_gather(self, x, ab) if ab.use_gather else _add_runs(self, x, y, ab)
         delta = lora_delta(self, x, ab)  # [T, out], scaled, with lora bias
         f = self.dora[ab.token_slots]  # [T, out]
@@ -125,6 +130,9 @@ class LoraSlots(nn.Module):
 def lora_delta(m: LoraSlots, x: torch.Tensor, ab: AdapterBatch) -> torch.Tensor:
     """scale[s_t] * (B[s_t] @ A[s_t] @ x[t] + bias[s_t]) for every token t: [T, out]."""
     zeros = x.new_zeros(x.shape[0], m.out_features)
+    if ab.path == "slab":
+        d = _delta_slab(m, x, ab)
+        return zeros if d is None else zeros.index_add(0, ab.adapter_rows, d)
     return zeros + _delta_gather(m, x, ab) if ab.use_gather else _add_runs(m, x, zeros, ab)
 
 
@@ -152,6 +160,21 @@ def _add_runs(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, ab: AdapterBatch) 
         if m.has_bias[slot]:
             rows += m.bias[slot]
     return y
+
+
+def _delta_slab(m: LoraSlots, x: torch.Tensor, ab: AdapterBatch) -> torch.Tensor | None:
+    """The delta of every adapter token ([n, out], `adapter_rows` order) as two bmm over the
+    slab's slot range; None when no slot of the range targets this module."""
+    sl = ab.slab
+    r = max(m.ranks[sl.lo:sl.hi])  # the rank padding beyond every used slot's rank is skipped
+    if r == 0:
+        return None
+    G, N = sl.hi - sl.lo, sl.width
+    xs = F.pad(x, (0, 0, 0, 1))[sl.source].view(G, N, -1)  # [G, N, in]; empty cells: zero row
+    xa = torch.bmm(xs, m.A[sl.lo:sl.hi, :r].transpose(1, 2))  # [G, N, r]
+    xa = xa * m.scale[sl.lo:sl.hi, None, None]
+    d = torch.bmm(xa, m.Bt[sl.lo:sl.hi, :r]).view(G * N, -1)[sl.cells]  # [n, out]
+    return d + m.bias[ab.adapter_row_slots] if any(m.has_bias[sl.lo:sl.hi]) else d
 
 
 def _delta_gather(m: LoraSlots, x: torch.Tensor, ab: AdapterBatch) -> torch.Tensor:

@@ -41,7 +41,7 @@ def test_delta_fast_paths_equal_reference(case):
     x = torch.randn(sum(lens), IN, generator=torch.Generator().manual_seed(case["seed"] + 1))
     lora = {s for s, r in enumerate(case["ranks"]) if r > 0}
     ref = None
-    for path in ("runs", "gather"):
+    for path in ("runs", "slab", "gather"):
         ab = AdapterBatch.build(row_slots, lens, SLOTS, lora_slots=lora, force_path=path)
         got = lora_delta(m, x, ab)
         if ref is None:
@@ -107,10 +107,12 @@ def test_one_run_over_every_token_equals_reference():
 
 
 def test_path_choice():
-    """CPU always takes runs (measured faster at every mix); CUDA gathers for many tiny runs."""
+    """CPU: runs for prompt chunks, slab for decode rows over a compact slot range; CUDA gathers."""
     prefill = AdapterBatch.build([0, 1], [50, 40], SLOTS, lora_slots={0, 1})
     decode = AdapterBatch.build(list(range(SLOTS)), [1] * SLOTS, SLOTS, lora_slots=set(range(SLOTS)))
-    assert not prefill.use_gather and not decode.use_gather
+    assert (prefill.path, decode.path) == ("runs", "slab")  # CPU
+    scattered = AdapterBatch.build([0, 5, 0, 5], [1] * 4, SLOTS, lora_slots={0, 5})
+    assert scattered.path == "runs"  # 2 slots used over a span of 6: the slab would read 4 idle ones
     assert prefer_gather(num_runs=SLOTS, num_tokens=SLOTS, device_type="cuda")
     assert not prefer_gather(num_runs=2, num_tokens=90, device_type="cuda")
     assert not prefer_gather(num_runs=SLOTS, num_tokens=SLOTS, device_type="cpu")
