@@ -61,7 +61,7 @@ class SlotSlab:
         return cls(lo, hi, width, torch.tensor(source, device=device), torch.tensor(cells, device=device))
 
 
-def prefer_slab(runs: list[tuple[int, int, int]], num_tokens: int, device_type: str) -> bool:
+def prefer_slab(runs: list[tuple[int, int, int]], device_type: str) -> bool:
     """The cost rule for the slab path (see the constants above)."""
     if device_type != "cpu" or len(runs) < SLAB_MIN_RUNS:
         return False
@@ -125,7 +125,7 @@ class AdapterBatch:
         path = "runs"
         if prefer_gather(len(runs), rows.numel(), dev_type):
             path = "gather"
-        elif prefer_slab(runs, rows.numel(), dev_type):
+        elif prefer_slab(runs, dev_type):
             path = "slab"
         if force_path is not None:
             if force_path not in ("runs", "slab", "gather"):
