@@ -129,11 +129,13 @@ class LoraSlots(nn.Module):
 
 def lora_delta(m: LoraSlots, x: torch.Tensor, ab: AdapterBatch) -> torch.Tensor:
     """scale[s_t] * (B[s_t] @ A[s_t] @ x[t] + bias[s_t]) for every token t: [T, out]."""
+    if ab.use_gather:
+        return _delta_gather(m, x, ab)  # already [T, out], zero on base rows
     zeros = x.new_zeros(x.shape[0], m.out_features)
     if ab.path == "slab":
         d = _delta_slab(m, x, ab)
         return zeros if d is None else zeros.index_add(0, ab.adapter_rows, d)
-    return zeros + _delta_gather(m, x, ab) if ab.use_gather else _add_runs(m, x, zeros, ab)
+    return _add_runs(m, x, zeros, ab)
 
 
 def _targeted_runs(m: LoraSlots, ab: AdapterBatch) -> list[tuple[int, int, int]]:
