@@ -20,8 +20,9 @@ COMMANDS = {
 }
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model / --quantize / --dtype / --device, shared by generate, info, serve and train."""
+def add_model_options(p: argparse.ArgumentParser, serving: bool = True) -> None:
+    """--model / --quantize / --dtype / --device / --threads, shared by generate, info, serve and
+    train; --nf4-kernel where the base serves (training always takes the kernel with a backward)."""
     p.add_argument("--model", default=None,
                    help="local Hugging Face model directory (Llama family); default: the embedded "
                         "SmolLM2-135M-Instruct")
@@ -29,8 +30,17 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="4-bit storage of the decoder projections (bitsandbytes, double quant, "
                         "blocksize 64); default nf4")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
-                   help="compute dtype (default: bfloat16 where the hardware has it, else float32)")
+                   help="compute dtype (default auto: on CPU float32 activations with bf16 4-bit "
+                        "kernels and lm_head where the CPU has bf16; bfloat16 on CUDA). float32 "
+                        "is the exact fp32 mode (no bf16 anywhere)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    if serving:
+        p.add_argument("--nf4-kernel", choices=("auto", "cpu-fused", "standard"), default="auto",
+                       help="4-bit matmul kernel: cpu-fused (bitsandbytes' AVX512-BF16 kernel), "
+                            "standard (bnb.matmul_4bit; CUDA kernels on GPU); default auto: fused "
+                            "on CPUs that have it unless --dtype float32")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch compute threads (default: the cores torch sees)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -205,8 +205,10 @@ class ServerConfig:
     # ---- base model
     model: str | None = None  # HF directory; None = the embedded SmolLM2-135M-Instruct
     quantize: str = "nf4"  # nf4 | fp4 | none
-    dtype: str | None = None  # None = bfloat16 where native, else float32
+    dtype: str | None = None  # None = auto: measured per part (runtime/models/base.py Precision)
     device: str = "auto"
+    nf4_kernel: str = "auto"  # auto | cpu-fused | standard (runtime/nn/kernels.py)
+    threads: int | None = None  # torch intra-op threads; None = the cores torch sees
     # ---- network
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8033  # gRPC; 0 = any free port
@@ -245,6 +247,8 @@ class ServerConfig:
                      "kv_cache_tokens", "max_new_tokens", "grpc_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("--threads must be >= 1")
         if self.max_queue < 0 or self.grace_period_s < 0:
             raise ValueError("--max-queue and --grace-period must be >= 0")
         if self.preload and not self.adapter_dir:

@@ -67,7 +67,10 @@ def _generate_local(args) -> list[dict]:
     from runtime.engine.request import GenerationRequest
     from runtime.models.base import load_base
 
-    base = load_base(args.model, args.quantize, args.dtype, args.device)
+    from runtime.nn.kernels import set_threads
+
+    set_threads(args.threads)
+    base = load_base(args.model, args.quantize, args.dtype, args.device, args.nf4_kernel)
     adapter = read_adapter(args.adapter, base.config) if args.adapter else None
     registry = AdapterRegistry(base.model, num_slots=1, max_rank=max(16, adapter.rank if adapter else 0))
     if adapter is not None:
@@ -90,12 +93,12 @@ def _generate_local(args) -> list[dict]:
 def run_info(args: argparse.Namespace) -> int:
     from runtime.models.base import load_base
 
-    base = load_base(args.model, args.quantize, args.dtype, args.device)
+    base = load_base(args.model, args.quantize, args.dtype, args.device, args.nf4_kernel)
     cfg, model = base.config, base.model
     proj_params = sum(lin.base.in_features * lin.base.out_features
                       for lin in model.adapted_linears().values())
     nbytes = model.base_bytes()
-    info = {**base.describe(), "model_dir": base.model_dir, "architecture": cfg.architecture,
+    info = {**base.describe(), "kernels": base.kernel_line(), "model_dir": base.model_dir, "architecture": cfg.architecture,
             "layers": cfg.num_layers, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
             "kv_heads": cfg.num_kv_heads, "vocab": cfg.vocab_size,
             "projection_params": proj_params, "projection_bytes": nbytes["projections"],

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("train", help="train an adapter (LoRA, DoRA, AdaLoRA, prompt, p-tuning, prefix) "
                                      "on the NF4 base; writes a PEFT-format directory")
-    add_model_options(p)
+    add_model_options(p, serving=False)
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--data", required=True, metavar="FILE.jsonl",
                    help='rows {"prompt","completion"}, {"messages":[...]} or {"text"}')

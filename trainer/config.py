@@ -41,6 +41,7 @@ class TrainConfig:
     quantize: str = "nf4"  # nf4 | fp4 | none: storage of the frozen base's projections (QLoRA)
     dtype: str | None = None  # compute dtype; None = bfloat16 where native, else float32
     device: str = "auto"
+    threads: int | None = None  # torch compute threads; None = the cores torch sees
 
     # ---- LoRA / DoRA ----
     rank: int = 8  # r

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from runtime.models.base import LoadedBase, load_base
+from runtime.nn.kernels import set_threads
 from trainer.batch import PackedBatch, Schedule, eval_batches, pack
 from trainer.config import TrainConfig, TrainConfigError
 from trainer.data import load_examples
@@ -58,8 +59,9 @@ class Trainer:
         adapter's initial weights draw from it), so a caller's own RNG state is not preserved."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
+        set_threads(cfg.threads)
         if self.base is None:
-            self.base = load_base(cfg.model, cfg.quantize, cfg.dtype, cfg.device)
+            self.base = load_base(cfg.model, cfg.quantize, cfg.dtype, cfg.device, training=True)
         self.model, self.device = self.base.model, self.base.device
         eos = next(iter(self.base.config.eos_token_ids), None)
         self.train_examples = load_examples(cfg.data, self.base.tokenizer, cfg.max_seq_len, eos)

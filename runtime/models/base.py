@@ -31,16 +31,55 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def native_bf16_cpu() -> bool:
+    """The CPU computes bf16 matmuls natively (oneDNN says so: AVX512-BF16 / AMX)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Dtypes per part of the step, and the 4-bit kernel (runtime/nn/kernels.py)."""
+
+    dtype: torch.dtype  # activations, norms, attention, LoRA slots, KV cache
+    lm_head: torch.dtype  # the lm_head matmul
+    nf4_kernel: str  # "cpu-fused" or "standard"
+
+
+def resolve_precision(dtype: str | None, device: torch.device, nf4_kernel: str = "auto",
+                      training: bool = False) -> Precision:
+    """The dtypes and kernel of each part of the step, chosen by measurement (README).
+
+    Serving on CPU, `dtype` None (auto): activations and elementwise work in float32 (a bf16
+    step measured slower on CPU: every norm, rotary and softmax upcasts), the 4-bit projections
+    on the fused bf16 kernel where the CPU has it, and the lm_head matmul in bf16 where the CPU
+    computes bf16 natively (3x faster than fp32 there). `--dtype float32` is the exact fp32 mode:
+    no bf16 anywhere (the standard 4-bit path dequantizes to fp32). `--dtype bfloat16|float16`
+    runs everything in that dtype. On CUDA, auto is bfloat16 (float16 without bf16 support).
+    Training keeps the standard kernel (it has a backward) and one dtype for every part.
+    """
+    from runtime.nn.kernels import resolve_kernel
+
+    if dtype and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if device.type == "cuda" and not dtype:
+        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif dtype:
+        dt = DTYPES[dtype]
+    elif training:
+        dt = torch.bfloat16 if native_bf16_cpu() else torch.float32
+    else:
+        dt = torch.float32
+    lm_head = dt
+    if device.type == "cpu" and not dtype and not training and native_bf16_cpu():
+        lm_head = torch.bfloat16
+    if training and nf4_kernel == "auto":
+        nf4_kernel = "standard"
+    return Precision(dt, lm_head, resolve_kernel(nf4_kernel, device, exact_fp32=dtype == "float32"))
+
+
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """bfloat16 where the hardware computes it natively, else float32."""
-    if dtype:
-        if dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-        return DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if native_bf16 else torch.float32
+    """The activation dtype `load_base` would pick for serving (see `resolve_precision`)."""
+    return resolve_precision(dtype, device).dtype
 
 
 @dataclass
@@ -52,17 +91,27 @@ class LoadedBase:
     quant: QuantConfig
     device: torch.device
     dtype: torch.dtype
+    precision: Precision | None = None
 
     def describe(self) -> dict:
         return {"model": self.config.name, "quantize": self.quant.method,
                 "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device)}
 
+    def kernel_line(self) -> str:
+        """What computes what, for the start-up line and `quiver info`."""
+        p = self.precision
+        kernels = ", ".join(f"{n} x{c}" for n, c in sorted(self.model.kernels.items())) or "none"
+        head = "" if p is None else f", lm_head {str(p.lm_head).removeprefix('torch.')}"
+        return f"projections: {kernels}; activations {str(self.dtype).removeprefix('torch.')}{head}"
+
 
 def load_base(model: str | None = None, quantize: str = "nf4", dtype: str | None = None,
-              device: str = "auto") -> LoadedBase:
-    """Load the base model (the embedded default when `model` is None) ready to serve."""
+              device: str = "auto", nf4_kernel: str = "auto", training: bool = False) -> LoadedBase:
+    """Load the base model (the embedded default when `model` is None) ready to serve
+    (or, `training=True`, ready to train through: one dtype, a kernel with a backward)."""
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    prec = resolve_precision(dtype, dev, nf4_kernel, training)
+    dt = prec.dtype
     quant = QuantConfig(method=quantize)
     model_dir = resolve_model_dir(model)
     tokenizer = load_tokenizer(model_dir)
@@ -71,5 +120,7 @@ def load_base(model: str | None = None, quantize: str = "nf4", dtype: str | None
     cfg = load_model_config(model_dir).with_stop_ids(tokenizer.eos_token_id)
     weights = {k: v.to(dev) for k, v in load_state_dict(model_dir).items()}
     decoder = DecoderModel(cfg, weights, quant, dt).to(dev).eval()
-    log.info("loaded %s (%s, %s, %s)", cfg.name or model_dir, quant.method, dt, dev)
-    return LoadedBase(decoder, tokenizer, cfg, str(model_dir), quant, dev, dt)
+    decoder.use_kernels(prec.nf4_kernel, prec.lm_head)
+    loaded = LoadedBase(decoder, tokenizer, cfg, str(model_dir), quant, dev, dt, prec)
+    log.info("loaded %s (%s, %s; %s)", cfg.name or model_dir, quant.method, dev, loaded.kernel_line())
+    return loaded

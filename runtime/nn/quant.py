@@ -5,11 +5,15 @@ Quantization happens once, at construction (`QuantLinear.from_dense`), never in 
 statistics are buffers, so they appear in `state_dict` and move with `.to(device)`.
 
 The forward is exactly what transformers' `bnb.nn.Linear4bit` computes on the same weights with
-the same `BitsAndBytesConfig` (NF4, double quantization, blocksize 64): `bnb.matmul_4bit`, which
-also carries gradients to the input, so the trainer backpropagates through a frozen NF4 base.
+the same `BitsAndBytesConfig` (NF4, double quantization, blocksize 64) on the same machine: the
+fused CPU kernel where transformers takes it (AVX512-BF16, eval mode), `bnb.matmul_4bit` on the
+standard layout elsewhere; which one is runtime/nn/kernels.py's choice, made once at load. Both
+carry gradients to the input, so the trainer backpropagates through a frozen NF4 base.
 `reference_forward` is the pure-torch meaning: dequantize, then a dense matmul.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +46,23 @@ class DenseLinear(nn.Module):
 
 
 class QuantLinear(nn.Module):
-    """A frozen bitsandbytes 4-bit projection: `y = x @ dequant(W4).T + b`."""
+    """A frozen bitsandbytes 4-bit projection: `y = x @ dequant(W4).T + b`.
+
+    Two layouts of the same 4-bit codes (runtime/nn/kernels.py picks one per projection):
+    - standard: bitsandbytes' `quantize_4bit` output [out*in/2, 1] with its (nested) statistics;
+    - cpu-fused: the AVX512-BF16 kernel's tiles [out, in/2] with bf16 absmax [in/bs, out],
+      made once by `use_kernel("cpu-fused")`. The standard `quant_state` is kept beside it (a
+      few bytes per 64 weights), so `dequantized_weight` still reads the standard statistics:
+      DoRA norms and gradients never see the packed bytes (PEFT's DoRA does, and breaks).
+    """
 
     def __init__(self, packed: torch.Tensor, quant_state, bias: torch.Tensor | None):
         super().__init__()
-        self.register_buffer("weight", packed)  # [out*in/2, 1] uint8, two 4-bit codes per byte
+        self.register_buffer("weight", packed)  # standard: [out*in/2, 1] uint8, two codes a byte
         self.register_buffer("bias", bias)  # [out] or None, kept in the compute dtype
-        self.quant_state = quant_state
+        self.quant_state = quant_state  # always the standard layout's statistics
+        self.kernel = "standard"
+        self._fused_state = None  # the packed layout's QuantState (bf16 absmax), when fused
         # The statistics as buffers too, so `state_dict` holds everything needed to rebuild.
         for key, value in quant_state.as_dict(packed=True).items():
             if isinstance(value, torch.Tensor):
@@ -56,6 +70,9 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantConfig):
+        from runtime.nn.kernels import quiet_bitsandbytes_import
+
+        quiet_bitsandbytes_import()
         import bitsandbytes.functional as bnbf  # imported late: heavy, and absent for `none`
 
         packed, state = bnbf.quantize_4bit(
@@ -74,17 +91,56 @@ class QuantLinear(nn.Module):
     def out_features(self) -> int:
         return self.quant_state.shape[0]
 
+    def use_kernel(self, kernel: str) -> str:
+        """Switch to `kernel` ("standard" or "cpu-fused"); returns the kernel this layer runs
+        (shapes the fused kernel refuses stay standard)."""
+        from runtime.nn.kernels import fused_shape_ok
+
+        if kernel == self.kernel:
+            return kernel
+        if kernel == "cpu-fused":
+            if not fused_shape_ok(self.out_features, self.in_features, self.quant_state.blocksize):
+                return self.kernel
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+            state = copy.deepcopy(self.quant_state)  # the conversion rewrites the state in place
+            self.weight, self._fused_state = _convert_weight_packed_for_cpu(self.weight, state)
+        elif kernel == "standard":
+            self.weight, self._fused_state = self.standard_codes(), None
+        else:
+            raise ValueError(f"unknown 4-bit kernel {kernel!r}")
+        self.kernel = kernel
+        return kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "cpu-fused":
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _FusedMatmul.apply(x, self)
+            return self.fused_forward(x)
         import bitsandbytes as bnb
 
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return bnb.matmul_4bit(x, self.weight, quant_state=self.quant_state, bias=bias)
 
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused kernel (no autograd): bf16 inside, `x`'s dtype out, as transformers does."""
+        from runtime.nn.kernels import fused_matmul
+
+        y = fused_matmul(x, self.weight, self._fused_state)  # [.., out] in x.dtype
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def standard_codes(self) -> torch.Tensor:
+        """The 4-bit codes in bitsandbytes' standard layout ([out*in/2, 1] uint8)."""
+        if self.kernel != "cpu-fused":
+            return self.weight
+        return unpack_fused_codes(self.weight, self.out_features, self.in_features)
+
     def dequantized_weight(self) -> torch.Tensor:
-        """The dense weight the 4-bit codes stand for, [out, in] (DoRA norms need it)."""
+        """The dense weight the 4-bit codes stand for, [out, in], from the standard statistics
+        (DoRA norms and gradients need it; the same values on every kernel)."""
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(self.weight, self.quant_state)
+        return bnbf.dequantize_4bit(self.standard_codes(), self.quant_state)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pure-torch meaning of forward: dequantize, then a dense matmul."""
@@ -95,7 +151,40 @@ class QuantLinear(nn.Module):
         out = super()._apply(fn, recurse)
         probe = fn(torch.empty(0, device=self.weight.device))
         self.quant_state.to(probe.device)
+        if self._fused_state is not None:
+            self._fused_state.to(probe.device)
         return out
+
+
+class _FusedMatmul(torch.autograd.Function):
+    """The fused kernel forward; the backward (to the input only: the base is frozen) through
+    the standard dequantized weight, as bitsandbytes' own `MatMul4Bit` does. The fused op has no
+    backward of its own, and a base built for serving may still be asked for input gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lin: "QuantLinear") -> torch.Tensor:
+        ctx.lin = lin
+        return lin.fused_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = ctx.lin.dequantized_weight().to(grad.dtype)  # [out, in]
+        return grad @ w, None
+
+
+def unpack_fused_codes(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Invert the fused kernel's tiling: [out, in/2] tiles -> the standard [out*in/2, 1] bytes.
+
+    The fused layout groups 32 output rows x 2 input columns into 64 codes and stores code j of
+    a group in the low nibble of byte j and code 32 + j in its high nibble (code m of a group is
+    row m // 2, column m % 2 of the tile). The standard layout holds row-major codes, two a byte,
+    the first in the high nibble. Lossless: the same codes, only moved.
+    """
+    n, k = out_features, in_features
+    tiles = packed.view(n // 32, k // 2, 32)  # [out/32, in/2, 32 bytes]
+    codes = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)  # [out/32, in/2, 64 codes]
+    codes = codes.view(n // 32, k // 2, 32, 2).permute(0, 2, 1, 3).reshape(n, k // 2, 2)
+    return ((codes[..., 0] << 4) | codes[..., 1]).reshape(-1, 1)
 
 
 def make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantConfig,

@@ -39,6 +39,7 @@ from runtime.config import ServerConfig
 from runtime.engine.engine import Engine, EngineConfig
 from runtime.engine.loop import EngineLoop
 from runtime.models.base import LoadedBase, load_base
+from runtime.nn.kernels import set_threads
 from runtime.server import auth, tls
 from runtime.server.core import Core
 from runtime.server.metrics import Metrics
@@ -67,7 +68,8 @@ def build_server(cfg: ServerConfig, base: LoadedBase | None = None,
     """
     credentials = (tls.server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
                    if cfg.tls_cert else None)  # file errors before the slow model load
-    base = base or load_base(cfg.model, cfg.quantize, cfg.dtype, cfg.device)
+    set_threads(cfg.threads)
+    base = base or load_base(cfg.model, cfg.quantize, cfg.dtype, cfg.device, cfg.nf4_kernel)
     registry = AdapterRegistry(base.model, num_slots=cfg.max_device_adapters, max_rank=cfg.max_lora_rank)
     store = AdapterStore(cfg.adapter_dir, cfg.allow_adapter_roots)
     loader = AdapterLoader(registry, store, base.config)

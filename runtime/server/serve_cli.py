@@ -87,6 +87,7 @@ def config_from_args(args: argparse.Namespace):
 
     return ServerConfig(
         model=args.model, quantize=args.quantize, dtype=args.dtype, device=args.device,
+        nf4_kernel=args.nf4_kernel, threads=args.threads,
         host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         grpc_workers=args.grpc_workers, adapter_dir=args.adapter_dir,
@@ -103,11 +104,18 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # flag errors before the slow model load
     from runtime.server.app import build_server
 
     server = build_server(cfg).start()
+    print(f"quiver: {server.core.base.kernel_line()}; {torch_threads()} threads", flush=True)
     stop = _install_signal_handlers(server)
     metrics = f"metrics :{server.metrics_port}" if server.metrics_port is not None else "metrics off"
     print(f"quiver serving on {server.address} ({metrics})", flush=True)

@@ -1,0 +1,123 @@
+"""The one place that decides how the frozen 4-bit base computes, per device and shape.
+
+    kernel "cpu-fused"  CPU with AVX512-BF16: bitsandbytes' fused NF4/FP4 kernel over its packed
+                        layout (`_convert_weight_packed_for_cpu`, once at load). bf16 inside,
+                        no dense weight ever materialised; what transformers' `Linear4bit` runs
+                        on such CPUs in eval mode, so Quiver computes what transformers computes.
+    kernel "standard"   `bnb.matmul_4bit` on the standard layout: on CUDA bitsandbytes' own
+                        kernels (its fused gemv for one row, dequantize + cuBLAS otherwise); on
+                        other CPUs dequantize the whole weight, then a dense matmul. It carries
+                        gradients (the trainer) and is the exact mode of `--dtype float32`.
+
+Why the fused kernel serves prefill too (measured, 1 thread, bench/kernel_bench.py): it costs a
+fixed time per 4 rows, so it beats dequantize + dense bf16 matmul up to ~128 rows and loses by
+up to 1.4x at 512. The dense alternative needs the standard layout resident next to the packed
+one (twice the weight bytes, 0.5 -> 1.05 B/param) or a per-step re-layout that costs more than
+the matmul it saves (~1 ms for 576x1536 in torch); neither pays for itself against the memory
+promise, so one layout and one kernel serve every batch size. See README "Where the time goes".
+
+Shapes the fused kernel cannot take (out_features % 32, in_features % blocksize) stay on the
+standard layout: the choice is made per projection, never aborting.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+import torch
+
+KERNELS = ("auto", "cpu-fused", "standard")
+
+#: the fused CPU kernel's packing tiles out_features by this many rows
+FUSED_BLOCK_N = 32
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fused_nf4() -> bool:
+    """True on CPUs where bitsandbytes' fused 4-bit kernel runs (AVX512-BF16)."""
+    quiet_bitsandbytes_import()
+    import bitsandbytes.functional as bnbf
+
+    return bool(bnbf.has_avx512bf16())
+
+
+def resolve_kernel(requested: str, device: torch.device, exact_fp32: bool) -> str:
+    """The kernel name for the whole model: `requested` unless it is "auto".
+
+    auto: the fused kernel on CPUs that have it, unless the exact fp32 mode was asked for
+    (`--dtype float32`: the fused kernel computes in bf16); "standard" everywhere else (CUDA
+    included: bitsandbytes picks its own fused gemv there per call).
+    """
+    if requested not in KERNELS:
+        raise ValueError(f"--nf4-kernel must be one of {', '.join(KERNELS)}, not {requested!r}")
+    if requested == "auto":
+        fused = device.type == "cpu" and not exact_fp32 and cpu_has_fused_nf4()
+        return "cpu-fused" if fused else "standard"
+    if requested == "cpu-fused" and (device.type != "cpu" or not cpu_has_fused_nf4()):
+        raise ValueError("--nf4-kernel cpu-fused needs a CPU with AVX512-BF16 (bitsandbytes' "
+                         "fused kernel); this machine has none: use auto or standard")
+    return requested
+
+
+def fused_shape_ok(out_features: int, in_features: int, blocksize: int) -> bool:
+    """Whether the fused CPU kernel can take a [out, in] weight (else: standard, per layer)."""
+    return out_features % FUSED_BLOCK_N == 0 and in_features % blocksize == 0
+
+
+def quiet_bitsandbytes_import() -> None:
+    """Import bitsandbytes once with its CPU backend's hub probe silenced.
+
+    On AVX512-BF16 CPUs bitsandbytes tries to fetch an optional kernel from a model hub at
+    import and logs a warning when it cannot; Quiver never uses that kernel (offline by design),
+    so the warning would only mislead an operator reading the start-up log.
+    """
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        logger.setLevel(level)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None: leave torch's default, the cores it sees); returns
+    the count in force. The engine step is the only heavy compute in the process: the gRPC and
+    HTTP threads only convert messages, so they need no cores of their own."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def fused_matmul(x: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
+    """x [.., in] @ W.T through the fused CPU kernel, over the packed layout -> [.., out] in x's
+    dtype (bf16 inside: the input is rounded to bf16, as bitsandbytes' own op does).
+
+    Calls bitsandbytes' C kernel directly: its torch op wrapper re-derives the quant type from
+    the code table (a tensor compare + `.item()`) and re-checks dtypes on every call, ~10-20 us
+    that a decode step pays ~200 times. Falls back to the op where the symbol is absent.
+    """
+    kernel = _fused_symbol(state)
+    if kernel is None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.gemv_4bit(x, packed, state=state)
+    n, k = state.shape
+    a = x.reshape(-1, k).to(torch.bfloat16).contiguous()  # [M, in]
+    out = torch.empty(a.shape[0], n, dtype=torch.bfloat16, device=x.device)  # [M, out]
+    kernel(ctypes.c_int64(a.shape[0]), ctypes.c_int64(n), ctypes.c_int64(k),
+           ctypes.c_void_p(a.data_ptr()), ctypes.c_void_p(packed.data_ptr()),
+           ctypes.c_void_p(state.absmax.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+           ctypes.c_int64(state.blocksize), ctypes.c_int64(a.stride(0)), ctypes.c_int64(out.stride(0)))
+    return out.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def _fused_symbol(state):
+    """bitsandbytes' C entry point for this state's 4-bit type (nf4 / fp4), or None."""
+    import bitsandbytes.functional as bnbf
+
+    if state.absmax.dtype != torch.bfloat16 or not state.absmax.is_contiguous():
+        return None
+    name = f"gemv_4bit_inference_cpu_{state.quant_type}_bf16"
+    return getattr(bnbf.lib, name, None)
