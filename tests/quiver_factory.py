@@ -34,9 +34,13 @@ class QuiverStack:
     cfg: ModelConfig
 
     @classmethod
-    def from_hf(cls, hf, quant: str = "none", slots: int = 8, max_rank: int = 16) -> "QuiverStack":
+    def from_hf(cls, hf, quant: str = "none", slots: int = 8, max_rank: int = 16,
+                kernel: str = "standard") -> "QuiverStack":
+        """kernel: the 4-bit kernel (runtime/nn/kernels.py) the projections run on; a parity
+        test puts Quiver on the path its reference takes (`bnb_reference_kernel`)."""
         cfg = ModelConfig.from_hf_dict(hf.config.to_dict())
         model = DecoderModel(cfg, hf.state_dict(), QuantConfig(quant))
+        model.use_kernels(kernel)
         return cls(model, AdapterRegistry(model, slots, max_rank), cfg)
 
     def load(self, adapter_id: str, path: Path) -> None:
@@ -101,15 +105,36 @@ def peft_greedy(peft_model, ids: list[int], n: int = 20) -> list[int]:
     return seq[len(ids):]
 
 
-def bnb_base(hf):
-    """The same tiny base loaded by transformers with the QLoRA BitsAndBytesConfig (fp32 compute)."""
+def bnb_reference_kernel() -> str:
+    """The 4-bit path transformers' `Linear4bit` takes on this machine in eval mode without
+    gradients: bitsandbytes' fused kernel on CPUs with AVX512-BF16 (it repacks its weight on the
+    first such call), the standard dequantize + matmul path on other CPUs. A parity test runs
+    Quiver on the same kernel, so both sides compute the same thing on any CI machine."""
+    from runtime.nn.kernels import cpu_has_fused_nf4
+
+    return "cpu-fused" if cpu_has_fused_nf4() else "standard"
+
+
+def bnb_base(hf, repack: bool = True):
+    """The same tiny base loaded by transformers with the QLoRA BitsAndBytesConfig (fp32 compute).
+
+    repack=False keeps every `Linear4bit` on the standard layout (no fused kernel): PEFT's DoRA
+    reads the weight's bytes as the standard layout to compute its norms, so a DoRA reference on
+    an AVX512-BF16 CPU is only right with repacking off (docs: peft-format.md). Quiver's side
+    then runs kernel "standard" too.
+    """
     import tempfile
 
+    from bitsandbytes.nn import Linear4bit
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     with tempfile.TemporaryDirectory() as d:
         copy.deepcopy(hf).save_pretrained(d)
-        return AutoModelForCausalLM.from_pretrained(d, quantization_config=cfg, device_map="cpu",
-                                                    dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(d, quantization_config=cfg, device_map="cpu",
+                                                     dtype=torch.float32).eval()
+    for m in model.modules():
+        if isinstance(m, Linear4bit) and not repack:
+            m.support_avx512bf16_for_cpu = False
+    return model

@@ -135,7 +135,10 @@ def test_attention_fast_path_equals_reference(monkeypatch):
 
 @torch.no_grad()
 def test_nf4_matches_transformers_bitsandbytes():
-    """Our NF4 model equals transformers loaded with the same BitsAndBytesConfig (fp32 compute)."""
+    """Our NF4 model equals transformers loaded with the same BitsAndBytesConfig (fp32 compute),
+    on the kernel transformers takes here (fused on AVX512-BF16 CPUs, else standard)."""
+    from tests.quiver_factory import bnb_reference_kernel
+
     import tempfile
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -149,6 +152,7 @@ def test_nf4_matches_transformers_bitsandbytes():
         hf4 = AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb, device_map="cpu",
                                                    dtype=torch.float32).eval()
     model = build(hf, "nf4")
+    model.use_kernels(bnb_reference_kernel())
     ids = torch.randint(0, 101, (1, 20))
     ref = hf4(ids).logits[0]
     out = solo_logits(model, ids[0])

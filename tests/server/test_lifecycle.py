@@ -61,7 +61,8 @@ def _cancelled(server) -> float:
 def test_deadline_frees_capacity_and_others_keep_going(client, server):
     engine = server.core.engine
     with pytest.raises(grpc.RpcError) as e:
-        client.generate("w5 w6", "", timeout=0.3, max_new_tokens=200, ignore_eos=True, min_new_tokens=200)
+        # 250 tokens (nearly the tiny model's 256-token context) take far longer than 50 ms
+        client.generate("w5 w6", "", timeout=0.05, max_new_tokens=250, ignore_eos=True, min_new_tokens=250)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_until(lambda: _idle(engine), timeout=5)
     assert client.generate("w5 w6", max_new_tokens=3).generated_token_count == 3

@@ -1,0 +1,145 @@
+"""The 4-bit kernels (runtime/nn/kernels.py, quant.py) against the pure-torch reference.
+
+The fused CPU kernel only exists on AVX512-BF16 CPUs: its tests skip elsewhere (and say so);
+the choice rules and the standard path are tested everywhere.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.config import QuantConfig
+from runtime.nn.kernels import cpu_has_fused_nf4, fused_shape_ok, resolve_kernel
+from runtime.nn.quant import QuantLinear, unpack_fused_codes
+
+fused_only = pytest.mark.skipif(not cpu_has_fused_nf4(),
+                                reason="this CPU has no AVX512-BF16: bitsandbytes' fused kernel is absent")
+CPU = torch.device("cpu")
+
+
+def quant_linear(out_f: int, in_f: int, seed: int = 0, bias: bool = False, method: str = "nf4"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    b = torch.randn(out_f, generator=g) if bias else None
+    return QuantLinear.from_dense(w, b, QuantConfig(method))
+
+
+def bf16_reference(lin: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """What the fused kernel means: bf16 input and weight, fp32 accumulation, bf16 output."""
+    w = lin.dequantized_weight().to(torch.bfloat16).float()
+    y = (x.to(torch.bfloat16).float() @ w.T).to(torch.bfloat16).to(x.dtype)
+    return y if lin.bias is None else y + lin.bias
+
+
+# ---- the choice ------------------------------------------------------------------------------
+def test_auto_takes_the_fused_kernel_exactly_where_the_cpu_has_it():
+    expected = "cpu-fused" if cpu_has_fused_nf4() else "standard"
+    assert resolve_kernel("auto", CPU, exact_fp32=False) == expected
+    assert resolve_kernel("auto", CPU, exact_fp32=True) == "standard"  # --dtype float32: no bf16
+    assert resolve_kernel("auto", torch.device("cuda"), exact_fp32=False) == "standard"
+    assert resolve_kernel("standard", CPU, exact_fp32=False) == "standard"
+    with pytest.raises(ValueError, match="nf4-kernel"):
+        resolve_kernel("tiled", CPU, exact_fp32=False)
+
+
+@pytest.mark.skipif(cpu_has_fused_nf4(), reason="this CPU has the fused kernel")
+def test_asking_for_the_fused_kernel_without_it_is_a_clear_error():
+    with pytest.raises(ValueError, match="AVX512-BF16"):
+        resolve_kernel("cpu-fused", CPU, exact_fp32=False)
+
+
+@pytest.mark.parametrize("out_f, in_f, ok", [(64, 64, True), (96, 128, True), (48, 64, False),
+                                              (64, 96, False), (1536, 576, True), (100, 64, False)])
+def test_fused_shape_rule(out_f, in_f, ok):
+    assert fused_shape_ok(out_f, in_f, 64) is ok
+
+
+# ---- the fused kernel ------------------------------------------------------------------------
+@fused_only
+@pytest.mark.parametrize("out_f, in_f", [(64, 64), (192, 576), (1536, 576), (576, 1536), (96, 128)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 17, 32, 64])
+def test_fused_equals_the_bf16_reference(out_f, in_f, rows):
+    lin = quant_linear(out_f, in_f, seed=rows, bias=rows % 2 == 1)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
+    assert lin.use_kernel("cpu-fused") == "cpu-fused"
+    got, ref = lin(x), bf16_reference(lin, x)
+    scale = ref.abs().max()
+    # bf16 rounding of the products' inputs is shared; only the summation order differs
+    assert (got - ref).abs().max() <= 2e-2 * scale
+    assert (got - lin.reference_forward(x)).abs().max() <= 3e-2 * scale  # and near fp32
+    assert got.dtype == x.dtype
+
+
+@fused_only
+def test_fused_rows_do_not_depend_on_the_batch():
+    """A row's output is the same alone and in any batch (decode rows, prefill chunks)."""
+    lin = quant_linear(192, 576)
+    lin.use_kernel("cpu-fused")
+    x = torch.randn(37, 576)
+    together = lin(x)
+    for i in (0, 5, 36):
+        assert torch.equal(lin(x[i:i + 1]), together[i:i + 1])
+
+
+@fused_only
+@pytest.mark.parametrize("out_f, in_f", [(48, 64), (64, 96), (100, 128)])
+def test_shapes_the_fused_kernel_refuses_stay_standard(out_f, in_f):
+    lin = quant_linear(out_f, in_f)
+    x = torch.randn(3, in_f)
+    before = lin(x)
+    assert lin.use_kernel("cpu-fused") == "standard"  # no abort: the layer keeps its layout
+    assert torch.equal(lin(x), before)
+
+
+@fused_only
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_fused_layout_keeps_the_standard_codes_and_statistics(method):
+    """Repacking moves codes only: the standard bytes and the dequantized weight (DoRA norms,
+    gradients) are bit-identical before, during and after the fused layout."""
+    lin = quant_linear(192, 576, method=method)
+    codes, dense = lin.weight.clone(), lin.dequantized_weight()
+    lin.use_kernel("cpu-fused")
+    assert lin.weight.shape == (192, 288)  # the fused tiles
+    assert torch.equal(unpack_fused_codes(lin.weight, 192, 576), codes)
+    assert torch.equal(lin.dequantized_weight(), dense)
+    lin.use_kernel("standard")
+    assert torch.equal(lin.weight, codes)
+    assert torch.equal(lin.dequantized_weight(), dense)
+
+
+@fused_only
+def test_gradients_through_the_fused_layout_equal_the_standard_path():
+    lin = quant_linear(192, 576, bias=True)
+    x = torch.randn(6, 576)
+    upstream = torch.randn(6, 192)
+    grads = {}
+    for kernel in ("standard", "cpu-fused"):
+        lin.use_kernel(kernel)
+        xg = x.clone().requires_grad_()
+        (lin(xg) * upstream).sum().backward()
+        grads[kernel] = xg.grad
+    w = lin.dequantized_weight()
+    assert (grads["cpu-fused"] - upstream @ w).abs().max() <= 1e-4
+    assert (grads["cpu-fused"] - grads["standard"]).abs().max() <= 1e-4
+
+
+@fused_only
+def test_fused_equals_transformers_linear4bit_bitwise():
+    """Quiver's fused projection computes exactly what bitsandbytes' Linear4bit computes on the
+    same weights (the module transformers builds), which also takes the fused kernel here."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    w = torch.randn(192, 576) * 0.05
+    b = torch.randn(192)
+    ref = Linear4bit(576, 192, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                     compress_statistics=True).eval()
+    ref.bias.data = b.clone()
+    ref.weight = Params4bit(w.clone(), requires_grad=False, compress_statistics=True,
+                            quant_type="nf4", blocksize=64)._quantize("cpu")
+    lin = QuantLinear.from_dense(w, b, QuantConfig("nf4"))
+    lin.use_kernel("cpu-fused")
+    x = torch.randn(9, 576)
+    with torch.no_grad():
+        expected = ref(x)
+    assert ref.weight.quant_state.packing_format_for_cpu  # the reference took the fused path
+    assert torch.equal(lin(x), expected)
