@@ -9,7 +9,8 @@ attention itself is per row:
         K, V = cache rows [0, kv_len) of that sequence (prefix + earlier + these tokens)
         out[row] = softmax(Q[row] K^T / sqrt(hd) + causal_mask(offset=kv_len - q_len)) V
 
-Decode rows are batched into one call (keys padded to the longest, padding masked); prefill rows
+Decode rows are batched into one call (keys padded to the longest, padding masked; one row too,
+so its block table and mask are made once per step); prefill rows
 loop (`attend_reference` is the plain per-row loop for everything, used by tests).
 
 Without a cache (training, references) each row attends to its own tokens, plus an optional
@@ -88,8 +89,10 @@ class AttentionBatch:
         self._prepared = True
 
     def _group_decode_rows(self) -> None:
+        # Even one decode row takes this path: its block table and mask are built once per
+        # step here rather than once per layer in `_attend_row`.
         dec = [i for i, r in enumerate(self.rows) if r.q_len == 1]
-        if len(dec) < 2:
+        if not dec:
             return
         bs = self.cache.block_size
         nb = max(len(self.rows[i].seq.blocks) for i in dec)

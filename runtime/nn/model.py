@@ -22,6 +22,7 @@ from torch import nn
 from runtime.config import ModelConfig, QuantConfig
 from runtime.nn.adapter_batch import AdapterBatch
 from runtime.nn.attention import AttentionBatch, attend
+from runtime.nn.groups import ProjectionGroup
 from runtime.nn.lora import LoraSlots
 from runtime.nn.quant import make_base_linear
 from runtime.nn.rotary import Rotary, rotate
@@ -53,7 +54,10 @@ class AdaptedLinear(nn.Module):
         self.lora: LoraSlots | None = None
 
     def forward(self, x: torch.Tensor, ab: AdapterBatch | None) -> torch.Tensor:
-        y = self.base(x)
+        return self.adapt(x, self.base(x), ab)
+
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, ab: AdapterBatch | None) -> torch.Tensor:
+        """y = base(x), computed by the caller (alone or in a ProjectionGroup) -> y + adapters."""
         if ab is None or self.lora is None or not ab.has_lora:
             return y
         return self.lora(x, y, ab, self.base.bias)
@@ -97,12 +101,14 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.q_proj, self.k_proj = AdaptedLinear(proj["q_proj"]), AdaptedLinear(proj["k_proj"])
         self.v_proj, self.o_proj = AdaptedLinear(proj["v_proj"]), AdaptedLinear(proj["o_proj"])
+        self.qkv = ProjectionGroup([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x, cos, sin, attn: AttentionBatch, layer: int, ab: AdapterBatch | None):
         c, T = self.cfg, x.shape[0]
-        q = self.q_proj(x, ab).view(T, c.num_heads, c.head_dim)  # [T, H, hd]
-        k = self.k_proj(x, ab).view(T, c.num_kv_heads, c.head_dim)  # [T, H_kv, hd]
-        v = self.v_proj(x, ab).view(T, c.num_kv_heads, c.head_dim)
+        q, k, v = self.qkv(x, ab)
+        q = q.view(T, c.num_heads, c.head_dim)  # [T, H, hd]
+        k = k.view(T, c.num_kv_heads, c.head_dim)  # [T, H_kv, hd]
+        v = v.view(T, c.num_kv_heads, c.head_dim)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         out = attend(attn, layer, q, k, v)  # [T, H, hd]
         return self.o_proj(out.reshape(T, c.q_dim), ab)
@@ -113,9 +119,11 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj = AdaptedLinear(proj["gate_proj"]), AdaptedLinear(proj["up_proj"])
         self.down_proj = AdaptedLinear(proj["down_proj"])
+        self.gate_up = ProjectionGroup([self.gate_proj, self.up_proj])
 
     def forward(self, x, ab: AdapterBatch | None):
-        return self.down_proj(F.silu(self.gate_proj(x, ab)) * self.up_proj(x, ab), ab)
+        gate, up = self.gate_up(x, ab)
+        return self.down_proj(F.silu(gate) * up, ab)
 
 
 class DecoderLayer(nn.Module):
@@ -202,14 +210,22 @@ class DecoderModel(nn.Module):
 
     # ---- kernels (once, after loading: gpt-fast `convert_for_runtime`) -------------------------
     def use_kernels(self, nf4_kernel: str, lm_head_dtype: torch.dtype | None = None) -> dict[str, int]:
-        """Put every 4-bit projection on `nf4_kernel` (runtime/nn/kernels.py names) and run the
-        lm_head matmul in `lm_head_dtype` (None: the model dtype). Returns kernel -> count."""
+        """Put every 4-bit projection on `nf4_kernel` (runtime/nn/kernels.py names), merge the
+        projections that share an input where that kernel allows (runtime/nn/groups.py), and
+        run the lm_head matmul in `lm_head_dtype` (None: the model dtype). Call after moving
+        the model to its device. Returns kernel -> count."""
         from runtime.nn.quant import QuantLinear
 
+        groups = [m for m in self.modules() if isinstance(m, ProjectionGroup)]
+        for g in groups:
+            g.unmerge()
         counts: dict[str, int] = {}
         for lin in self.adapted_linears().values():
             got = lin.base.use_kernel(nf4_kernel) if isinstance(lin.base, QuantLinear) else "dense"
             counts[got] = counts.get(got, 0) + 1
+        merged = sum(g.merge() for g in groups)  # q/k/v and gate/up as one matmul each (groups.py)
+        if merged:
+            counts["merged groups"] = merged
         self.kernels = counts
         same = lm_head_dtype is None or lm_head_dtype == self.lm_head_weight.dtype
         self.lm_head_compute = None if same else self.lm_head_weight.detach().to(lm_head_dtype)

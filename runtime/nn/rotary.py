@@ -86,16 +86,30 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [hd/2]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T] -> cos, sin: [T, hd]
+        """positions: [T] -> cos, sin: [T, 1, hd], once per step for every layer.
+
+        `sin` has its first half negated: then HF's `x * cos + rotate_half(x) * sin` is
+        `x * cos + roll(x, hd/2) * sin` (rotate_half(x) = [-x2, x1], roll(x) = [x2, x1]), which
+        `rotate` computes in three ops instead of seven, 60 times a step.
+        """
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
+        sin[:, : sin.shape[1] // 2].neg_()
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, hd], cos/sin: [T, hd] -> rotated x, same shape."""
+    """x: [T, H, hd], cos/sin: [T, 1, hd] from `Rotary.cos_sin` -> rotated x, same shape."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+
+
+def rotate_reference(x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """HF's formulation, for tests: x * cos + rotate_half(x) * sin with unsigned sin."""
+    freqs = positions.float()[:, None] * rotary.inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
     half = x.shape[-1] // 2
     rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated_half * sin[:, None, :]
+    return x * cos[:, None, :].to(x.dtype) + rotated_half * sin[:, None, :].to(x.dtype)

@@ -143,3 +143,32 @@ def test_fused_equals_transformers_linear4bit_bitwise():
         expected = ref(x)
     assert ref.weight.quant_state.packing_format_for_cpu  # the reference took the fused path
     assert torch.equal(lin(x), expected)
+
+
+# ---- merged projections (runtime/nn/groups.py) ------------------------------------------------
+@fused_only
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v bias in the merged matmul
+def test_merged_groups_compute_what_their_members_compute(arch, tmp_path):
+    """q/k/v and gate/up as one fused matmul each, with LoRA and DoRA on the members' slices,
+    give the logits the members give one by one; the codes are stored once."""
+    from runtime.nn.groups import ProjectionGroup
+    from tests.peft_factory import make_peft_adapter, make_tiny_model
+    from tests.quiver_factory import QuiverStack
+
+    hf = make_tiny_model(arch, seed=3)
+    q = QuiverStack.from_hf(hf, quant="nf4", slots=3, kernel="cpu-fused")
+    groups = [m for m in q.model.modules() if isinstance(m, ProjectionGroup)]
+    assert groups and all(g.merged for g in groups)
+    attn = q.model.model.layers[0].self_attn
+    assert attn.q_proj.base.weight.data_ptr() == attn.qkv.weight.data_ptr()  # a view, not a copy
+    for name, opts in [("lora", dict(target_modules="all-linear")),
+                       ("dora", dict(target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True))]:
+        q.load(name, make_peft_adapter(hf, "lora", tmp_path / name, seed=7, **opts))
+    ids = torch.randint(0, 128, (9,), generator=torch.Generator().manual_seed(0))
+    rows = [(ids, "lora"), (ids[:5], ""), (ids, "dora")]
+    merged = q.batch_logits(rows)
+    for g in groups:
+        g.unmerge()
+    assert not attn.qkv.merged and attn.qkv.weight is None
+    for got, ref in zip(merged, q.batch_logits(rows)):
+        assert (got - ref).abs().max() <= 1e-5
