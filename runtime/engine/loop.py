@@ -14,6 +14,8 @@ import threading
 import time
 from collections import deque
 
+import torch
+
 from runtime.engine.engine import Engine, StepStats
 from runtime.engine.request import GenerationRequest, Output
 
@@ -117,6 +119,9 @@ class EngineLoop:
             self.engine.abort_all("the server stopped before this request finished")
 
     def _run(self) -> None:
+        # OpenMP keeps a thread count per thread: re-apply torch's (--threads) here, so that the
+        # kernels this thread calls outside torch (bitsandbytes') use the same count.
+        torch.set_num_threads(torch.get_num_threads())
         while not self._stop.is_set():
             if not self.engine.has_work():
                 self._wake.wait(self._idle_wait)

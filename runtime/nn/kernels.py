@@ -96,28 +96,35 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
 
     Calls bitsandbytes' C kernel directly: its torch op wrapper re-derives the quant type from
     the code table (a tensor compare + `.item()`) and re-checks dtypes on every call, ~10-20 us
-    that a decode step pays ~200 times. Falls back to the op where the symbol is absent.
+    that a decode step pays ~120 times. ctypes releases the GIL for the call, so the server's
+    other threads run meanwhile. Falls back to the op where the symbol is absent.
     """
-    kernel = _fused_symbol(state)
-    if kernel is None:
+    kernel = _fused_entry(state.quant_type)
+    if kernel is None or state.absmax.dtype != torch.bfloat16 or not state.absmax.is_contiguous():
         import bitsandbytes.functional as bnbf
 
         return bnbf.gemv_4bit(x, packed, state=state)
     n, k = state.shape
     a = x.reshape(-1, k).to(torch.bfloat16).contiguous()  # [M, in]
     out = torch.empty(a.shape[0], n, dtype=torch.bfloat16, device=x.device)  # [M, out]
-    kernel(ctypes.c_int64(a.shape[0]), ctypes.c_int64(n), ctypes.c_int64(k),
-           ctypes.c_void_p(a.data_ptr()), ctypes.c_void_p(packed.data_ptr()),
-           ctypes.c_void_p(state.absmax.data_ptr()), ctypes.c_void_p(out.data_ptr()),
-           ctypes.c_int64(state.blocksize), ctypes.c_int64(a.stride(0)), ctypes.c_int64(out.stride(0)))
+    kernel(a.shape[0], n, k, a.data_ptr(), packed.data_ptr(), state.absmax.data_ptr(),
+           out.data_ptr(), state.blocksize, a.stride(0), out.stride(0))
     return out.to(x.dtype).view(*x.shape[:-1], n)
 
 
-def _fused_symbol(state):
-    """bitsandbytes' C entry point for this state's 4-bit type (nf4 / fp4), or None."""
+#: gemv_4bit_inference_cpu_{nf4,fp4}_bf16(M, N, K, A, B, absmax, out, blocksize, A_strideM,
+#: out_strideM): bitsandbytes' C signature, typed once so calls take plain ints
+_FUSED_PROTO = ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 3, *[ctypes.c_void_p] * 4,
+                                *[ctypes.c_int64] * 3)
+
+
+@functools.lru_cache(maxsize=4)
+def _fused_entry(quant_type: str):
+    """bitsandbytes' C entry point for `quant_type` (nf4 / fp4) with our own typed prototype
+    (bitsandbytes' shared function object is left as it is), or None when absent."""
     import bitsandbytes.functional as bnbf
 
-    if state.absmax.dtype != torch.bfloat16 or not state.absmax.is_contiguous():
+    fn = getattr(bnbf.lib, f"gemv_4bit_inference_cpu_{quant_type}_bf16", None)
+    if fn is None:
         return None
-    name = f"gemv_4bit_inference_cpu_{state.quant_type}_bf16"
-    return getattr(bnbf.lib, name, None)
+    return _FUSED_PROTO(ctypes.cast(fn, ctypes.c_void_p).value)

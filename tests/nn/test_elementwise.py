@@ -1,4 +1,4 @@
-"""The three-op rotation (runtime/nn/rotary.py) against HF's rotate_half formulation."""
+"""The fused elementwise ops (three-op rotary, fused RMSNorm) against HF's formulations."""
 from __future__ import annotations
 
 import pytest
@@ -17,3 +17,11 @@ def test_rotate_equals_rotate_half(variant):
     x = torch.randn(6, 4, hf.config.hidden_size // hf.config.num_attention_heads)
     cos, sin = rotary.cos_sin(positions, x.dtype)
     assert (rotate(x, cos, sin) - rotate_reference(x, positions, rotary)).abs().max() <= 1e-6
+
+
+def test_fused_rms_norm_equals_hf_formulation():
+    from runtime.nn.model import RMSNorm
+
+    norm = RMSNorm(torch.randn(64), eps=1e-5)
+    x = torch.randn(7, 64) * 3
+    assert (norm(x) - norm.reference_forward(x)).abs().max() <= 1e-5
