@@ -477,13 +477,14 @@ def reps_note(n: int) -> str:
 
 
 def _draw(ax, rows: list[list[object]]) -> None:
-    labels = [str(r[0]).replace(" after a chat prompt", "").replace(" chat prompts", "") for r in rows]
+    short = ["decode b1", "prompt 512", "decode b1\n+ LoRA", "prompt 512\n+ LoRA", "64 x 32\nbase", "64 x 32\n16 LoRAs"]
+    labels = short if len(rows) == len(short) else [str(r[0]) for r in rows]
     xs = range(len(rows))
     peer = [r[2] if isinstance(r[2], float) else 0.0 for r in rows]
     quiv = [r[4] if isinstance(r[4], float) else 0.0 for r in rows]
     ax.bar([x - 0.2 for x in xs], peer, 0.4, label="peer (llama.cpp rows 1-4, vLLM rows 5-6)")
     ax.bar([x + 0.2 for x in xs], quiv, 0.4, label="quiver")
-    ax.set_xticks(list(xs), labels, fontsize=6, rotation=15)
+    ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("tokens/s")
     ax.legend(fontsize=7)
