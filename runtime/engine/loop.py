@@ -3,6 +3,12 @@
     gRPC thread:  stream = loop.submit(req)  ->  for out in stream: ...   (or stream.cancel())
     step thread:  while running: engine.step()  ->  req.on_output(out)  ->  stream buffer
 
+`quiver serve` steps the engine on the process's main thread (`run`), and the gRPC / HTTP
+threads only convert messages: measured on the embedded model (2 cores, batch 1), the same
+steps run ~100 tokens/s from the main thread but ~55 from a second thread (the OpenMP thread
+team of a non-initial thread pays far more per parallel region). `start` steps on a thread of
+its own, for tests and embedding.
+
 The step thread never blocks on a client: each `RequestStream` buffers at most `max_buffered`
 Outputs, and beyond that folds new ones into the last (text concatenated, tokens appended), so a
 slow reader costs memory proportional to its text, never a stalled batch.
@@ -76,12 +82,18 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stepping = threading.Event()  # set while `_run` runs, on whichever thread
         self._idle_wait = idle_wait_s
         self.accepting = True
 
     def start(self) -> None:
+        """Step the engine on a new thread (tests, embedding; `quiver serve` calls `run`)."""
         self._thread = threading.Thread(target=self._run, name="quiver-engine", daemon=True)
         self._thread.start()
+
+    def run(self) -> None:
+        """Step the engine on the calling thread until `stop` (from another thread)."""
+        self._run()
 
     def submit(self, req: GenerationRequest, max_buffered: int = 64, observer=None) -> RequestStream:
         """Queue `req`; raises what `Engine.add` raises (nothing queued then) or ShuttingDown.
@@ -112,9 +124,13 @@ class EngineLoop:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-            if self._thread.is_alive():
-                log.error("the engine thread did not stop within 10 s")
-                return
+        elif self._stepping.is_set() and threading.current_thread() is not threading.main_thread():
+            deadline = time.monotonic() + 10  # `run` on another thread: let its step end
+            while self._stepping.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        if self._stepping.is_set():
+            log.error("the engine loop did not stop within 10 s")
+            return
         if self.engine.has_work():
             self.engine.abort_all("the server stopped before this request finished")
 
@@ -122,6 +138,13 @@ class EngineLoop:
         # OpenMP keeps a thread count per thread: re-apply torch's (--threads) here, so that the
         # kernels this thread calls outside torch (bitsandbytes') use the same count.
         torch.set_num_threads(torch.get_num_threads())
+        self._stepping.set()
+        try:
+            self._steps()
+        finally:
+            self._stepping.clear()
+
+    def _steps(self) -> None:
         while not self._stop.is_set():
             if not self.engine.has_work():
                 self._wake.wait(self._idle_wait)

@@ -113,10 +113,13 @@ class QuiverServer:
         return host_port(self.cfg.host, self.port)
 
     # ---- start ------------------------------------------------------------------------------
-    def start(self) -> "QuiverServer":
+    def start(self, engine_thread: bool = True) -> "QuiverServer":
+        """Serve. engine_thread=False leaves stepping the engine to the caller, who then runs
+        `core.loop.run()` on its (main) thread: `quiver serve` does (runtime/engine/loop.py)."""
         for adapter_id in self.cfg.preload:
             self.core.load_adapter(adapter_id)  # a bad preload fails start-up, loudly
-        self.core.loop.start()
+        if engine_thread:
+            self.core.loop.start()
         self._grpc = self._make_grpc_server()
         self.port = self._bind(host_port(self.cfg.host, self.cfg.port))
         self._grpc.start()

@@ -114,18 +114,25 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # flag errors before the slow model load
     from runtime.server.app import build_server
 
-    server = build_server(cfg).start()
+    server = build_server(cfg).start(engine_thread=False)
     print(f"quiver: {server.core.base.kernel_line()}; {torch_threads()} threads", flush=True)
     stop = _install_signal_handlers(server)
     metrics = f"metrics :{server.metrics_port}" if server.metrics_port is not None else "metrics off"
     print(f"quiver serving on {server.address} ({metrics})", flush=True)
-    # Poll rather than block: the kernel may deliver SIGTERM to any thread (engine, gRPC, torch
-    # workers), and Python only runs the handler when the main thread next executes bytecode; a
-    # main thread parked forever in a lock wait would never see the signal.
-    while not stop.wait(0.2):
-        pass
-    drained = server.shutdown()
-    print(f"quiver stopped ({'drained' if drained else 'grace period over; the rest were cancelled'})",
+    drained: list[bool] = []
+
+    def drain_on_signal() -> None:
+        stop.wait()
+        drained.append(server.shutdown())  # the engine keeps stepping meanwhile; ends its loop
+
+    stopper = threading.Thread(target=drain_on_signal, name="quiver-shutdown", daemon=True)
+    stopper.start()
+    # The engine steps on this main thread (much faster than on a second thread: loop.py). It
+    # runs Python between kernels and waits at most 50 ms when idle, so a SIGTERM delivered to
+    # any thread reaches the handler here promptly.
+    server.core.loop.run()
+    stopper.join()
+    print(f"quiver stopped ({'drained' if drained and drained[0] else 'grace period over; the rest were cancelled'})",
           flush=True)
     return 0
 
