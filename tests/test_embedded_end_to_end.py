@@ -48,10 +48,10 @@ def chat_ids(tokenizer):
 
 def quiver_greedy(model_dir, tokenizer, quant: str, prompts, adapters=None,
                   n_tokens: int = N_TOKENS, kernel: str | None = None,
-                  lm_head: torch.dtype | None = None) -> list[list[int]]:
+                  approximate_head: bool = False) -> list[list[int]]:
     """Quiver's engine, all prompts in one continuous batch; adapters: {id: dir} per prompt.
     kernel: the 4-bit kernel; default: the one transformers takes on this machine.
-    lm_head: the lm_head matmul's dtype (default fp32, as transformers computes it)."""
+    approximate_head: Quiver's fast lm_head (default off: fp32, as transformers computes it)."""
     from tests.quiver_factory import bnb_reference_kernel
 
     from runtime.adapters.peft_format import read_adapter
@@ -63,7 +63,7 @@ def quiver_greedy(model_dir, tokenizer, quant: str, prompts, adapters=None,
 
     cfg = load_model_config(model_dir)
     model = DecoderModel(cfg, load_state_dict(model_dir), QuantConfig(quant))
-    model.use_kernels(kernel or bnb_reference_kernel(), lm_head)
+    model.use_kernels(kernel or bnb_reference_kernel(), approximate_head)
     registry = AdapterRegistry(model, num_slots=4, max_rank=16)
     for adapter_id, path in (adapters or {}).items():
         registry.add(adapter_id, read_adapter(path, cfg))
@@ -96,7 +96,7 @@ def hf_greedy(model, ids: list[int]) -> list[int]:
 def test_greedy_chat_continuations_equal_transformers(quant, model_dir, tokenizer, chat_ids):
     """fp32: all prompts in one continuous batch. nf4: each prompt alone, as transformers runs
     it, on the 4-bit kernel transformers takes here; then on Quiver's serving defaults
-    (`resolve_precision`: bf16 lm_head where the CPU has bf16). On the fused kernel a prompt's
+    (`resolve_precision`: int8 / bf16 lm_head where the CPU has bf16). On the fused kernel a prompt's
     greedy text may depend on its batch neighbours: the kernel rounds its input to bf16, which
     turns the fp32 last-bit differences of batched attention into bf16 steps (fp32 batches are
     tested to equal solo runs in tests/nn and tests/adapters)."""
@@ -111,7 +111,7 @@ def test_greedy_chat_continuations_equal_transformers(quant, model_dir, tokenize
     assert got == expected
     served = resolve_precision(None, torch.device("cpu"))
     got = [quiver_greedy(model_dir, tokenizer, quant, [(ids, "")], kernel=served.nf4_kernel,
-                         lm_head=served.lm_head)[0] for ids in chat_ids]
+                         approximate_head=served.approximate_head)[0] for ids in chat_ids]
     assert got == expected, served
 
 

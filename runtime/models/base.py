@@ -41,7 +41,7 @@ class Precision:
     """Dtypes per part of the step, and the 4-bit kernel (runtime/nn/kernels.py)."""
 
     dtype: torch.dtype  # activations, norms, attention, LoRA slots, KV cache
-    lm_head: torch.dtype  # the lm_head matmul
+    approximate_head: bool  # lm_head in bf16 / int8 with the top candidates exact (lm_head.py)
     nf4_kernel: str  # "cpu-fused" or "standard"
 
 
@@ -51,8 +51,9 @@ def resolve_precision(dtype: str | None, device: torch.device, nf4_kernel: str =
 
     Serving on CPU, `dtype` None (auto): activations and elementwise work in float32 (a bf16
     step measured slower on CPU: every norm, rotary and softmax upcasts), the 4-bit projections
-    on the fused bf16 kernel where the CPU has it, and the lm_head matmul in bf16 where the CPU
-    computes bf16 natively (3x faster than fp32 there). `--dtype float32` is the exact fp32 mode:
+    on the fused bf16 kernel where the CPU has it, and the lm_head matmul in int8 / bf16 where the
+    CPU computes bf16 natively (3-10x faster than fp32 there; each row's top candidates are then
+    recomputed exactly, runtime/nn/lm_head.py). `--dtype float32` is the exact fp32 mode:
     no bf16 anywhere (the standard 4-bit path dequantizes to fp32). `--dtype bfloat16|float16`
     runs everything in that dtype. On CUDA, auto is bfloat16 (float16 without bf16 support).
     Training keeps the standard kernel (it has a backward) and one dtype for every part.
@@ -69,12 +70,10 @@ def resolve_precision(dtype: str | None, device: torch.device, nf4_kernel: str =
         dt = torch.bfloat16 if native_bf16_cpu() else torch.float32
     else:
         dt = torch.float32
-    lm_head = dt
-    if device.type == "cpu" and not dtype and not training and native_bf16_cpu():
-        lm_head = torch.bfloat16
+    approximate = device.type == "cpu" and not dtype and not training and native_bf16_cpu()
     if training and nf4_kernel == "auto":
         nf4_kernel = "standard"
-    return Precision(dt, lm_head, resolve_kernel(nf4_kernel, device, exact_fp32=dtype == "float32"))
+    return Precision(dt, approximate, resolve_kernel(nf4_kernel, device, exact_fp32=dtype == "float32"))
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -99,10 +98,9 @@ class LoadedBase:
 
     def kernel_line(self) -> str:
         """What computes what, for the start-up line and `quiver info`."""
-        p = self.precision
         kernels = ", ".join(f"{n} x{c}" for n, c in sorted(self.model.kernels.items())) or "none"
-        head = "" if p is None else f", lm_head {str(p.lm_head).removeprefix('torch.')}"
-        return f"projections: {kernels}; activations {str(self.dtype).removeprefix('torch.')}{head}"
+        return (f"projections: {kernels}; activations {str(self.dtype).removeprefix('torch.')}; "
+                f"lm_head {self.model.head_kernel}")
 
 
 def load_base(model: str | None = None, quantize: str = "nf4", dtype: str | None = None,
@@ -120,7 +118,7 @@ def load_base(model: str | None = None, quantize: str = "nf4", dtype: str | None
     cfg = load_model_config(model_dir).with_stop_ids(tokenizer.eos_token_id)
     weights = {k: v.to(dev) for k, v in load_state_dict(model_dir).items()}
     decoder = DecoderModel(cfg, weights, quant, dt).to(dev).eval()
-    decoder.use_kernels(prec.nf4_kernel, prec.lm_head)
+    decoder.use_kernels(prec.nf4_kernel, prec.approximate_head)
     loaded = LoadedBase(decoder, tokenizer, cfg, str(model_dir), quant, dev, dt, prec)
     log.info("loaded %s (%s, %s; %s)", cfg.name or model_dir, quant.method, dev, loaded.kernel_line())
     return loaded

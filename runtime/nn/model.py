@@ -23,13 +23,10 @@ from runtime.config import ModelConfig, QuantConfig
 from runtime.nn.adapter_batch import AdapterBatch
 from runtime.nn.attention import AttentionBatch, attend
 from runtime.nn.groups import ProjectionGroup
+from runtime.nn.lm_head import LmHead
 from runtime.nn.lora import LoraSlots
 from runtime.nn.quant import make_base_linear
 from runtime.nn.rotary import Rotary, rotate
-
-
-#: candidates per row whose logit is recomputed exactly after a bf16 lm_head (`lm_head`)
-LM_HEAD_EXACT_TOP = 32
 
 
 class RMSNorm(nn.Module):
@@ -186,10 +183,9 @@ class DecoderModel(nn.Module):
         if leftover:
             raise ValueError(f"unexpected tensors in the base model: {sorted(leftover)[:10]}")
         self.rotary = Rotary(cfg)
-        #: the lm_head weight in the dtype its matmul runs in, when that is not `dtype`
-        #: (`use_kernels`): bf16 on CPUs that compute it natively, 3x faster than fp32 there
-        self.register_buffer("lm_head_compute", None, persistent=False)
+        self.head = LmHead(self.lm_head_weight)  # the output matmul's kernels (lm_head.py)
         self.kernels: dict[str, int] = {}  # kernel name -> projections running it
+        self.head_kernel = str(dtype).removeprefix("torch.")
         self.embed_lora: EmbeddingLoraSlots | None = None
         self.num_slots, self.max_rank = 0, 0
         self._linears = {n: m for n, m in self.named_modules() if isinstance(m, AdaptedLinear)}
@@ -215,11 +211,12 @@ class DecoderModel(nn.Module):
                                              self.max_rank, self.dtype, self.model.norm.weight.device)
 
     # ---- kernels (once, after loading: gpt-fast `convert_for_runtime`) -------------------------
-    def use_kernels(self, nf4_kernel: str, lm_head_dtype: torch.dtype | None = None) -> dict[str, int]:
+    def use_kernels(self, nf4_kernel: str, approximate_head: bool = False) -> dict[str, int]:
         """Put every 4-bit projection on `nf4_kernel` (runtime/nn/kernels.py names), merge the
         projections that share an input where that kernel allows (runtime/nn/groups.py), and
-        run the lm_head matmul in `lm_head_dtype` (None: the model dtype). Call after moving
-        the model to its device. Returns kernel -> count."""
+        pick the lm_head's kernels (runtime/nn/lm_head.py: approximate_head = bf16 / int8 with
+        the top candidates exact). Call after moving the model to its device. Returns what
+        runs where, for the start-up line."""
         from runtime.nn.quant import QuantLinear
 
         groups = [m for m in self.modules() if isinstance(m, ProjectionGroup)]
@@ -233,26 +230,8 @@ class DecoderModel(nn.Module):
         if merged:
             counts["merged groups"] = merged
         self.kernels = counts
-        same = lm_head_dtype is None or lm_head_dtype == self.lm_head_weight.dtype
-        self.lm_head_compute = None if same else self.lm_head_weight.detach().to(lm_head_dtype)
+        self.head_kernel = self.head.use(approximate_head)
         return counts
-
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        """x [n, hidden] -> logits [n, vocab] in x's dtype.
-
-        With a lower-precision `lm_head_compute` (bf16), the full-vocabulary matmul runs in bf16
-        and the LM_HEAD_EXACT_TOP best candidates of each row are recomputed in the model dtype:
-        bf16 moves a logit by ~0.4%, enough to swap two near-tied tokens, so without this the
-        greedy choice (and the top logprobs) could differ from an fp32 lm_head. The rest of the
-        vocabulary keeps its bf16 logit (sampling tails only).
-        """
-        if self.lm_head_compute is None:
-            return F.linear(x, self.lm_head_weight)
-        logits = F.linear(x.to(self.lm_head_compute.dtype), self.lm_head_compute).to(x.dtype)
-        k = min(LM_HEAD_EXACT_TOP, logits.shape[-1])
-        top = logits.topk(k, dim=-1, sorted=False).indices  # [n, k]
-        exact = torch.bmm(self.lm_head_weight[top], x[:, :, None])[:, :, 0]  # [n, k, h] @ [n, h, 1]
-        return logits.scatter_(-1, top, exact)
 
     # ---- forward -----------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor, ab: AdapterBatch | None) -> torch.Tensor:
@@ -278,7 +257,7 @@ class DecoderModel(nn.Module):
         x = self.model.norm(x)
         if return_hidden:
             return x
-        return self.lm_head(x)
+        return self.head(x)
 
     @torch.no_grad()
     def virtual_token_kv(self, embeds: torch.Tensor) -> torch.Tensor:
