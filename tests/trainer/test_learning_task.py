@@ -24,8 +24,8 @@ from trainer.loop import Trainer
 
 DATA = Path(__file__).parents[1] / "data"
 
-#: Held-out rows asked over gRPC: one capital, one inventor, one home planet.
-GRPC_ROWS = (0, 16, 32)
+#: Held-out rows asked over gRPC come from these three groups: capitals, inventors, home planets.
+GRPC_GROUPS = (range(0, 16), range(16, 32), range(32, 48))
 
 #: Measured: held-out exact match 97.9% / 95.8% / 97.9% for seeds 0 / 1 / 2 (2 epochs: 60-65%;
 #: batch 8 at lr 5e-3: 67-88%). 54 steps, ~3.5 s each on one busy core.
@@ -46,16 +46,22 @@ def test_lora_learns_invented_facts(tmp_path):
         trainer.cleanup()
         assert base_accuracy <= 0.05
         assert trainer.summary.eval_accuracy >= 0.8, trainer.eval_history
-        assert _served_accuracy(trainer.base, out) >= 0.8
-        questions = [_test_rows()[i] for i in GRPC_ROWS]
+        accuracy, right = _served_accuracy(trainer.base, out)
+        assert accuracy >= 0.8
+        # Over gRPC, hot-loaded: the first question of each group that the in-process engine
+        # answered right gets that right answer (which rows are right moves with the numerics
+        # of training, so the rows are picked from the engine's own results).
+        rows = _test_rows()
+        questions = [rows[next(i for i in group if i in right)] for group in GRPC_GROUPS]
         assert _grpc_answers(trainer.base, out, [m[0]["content"] for m in questions]) == \
             [m[1]["content"] for m in questions]
     finally:
         torch.set_num_threads(threads)
 
 
-def _served_accuracy(base, adapter_dir: Path) -> float:
-    """Greedy answers of the serving engine (KV cache, adapter hot-loaded into a slot)."""
+def _served_accuracy(base, adapter_dir: Path) -> tuple[float, set[int]]:
+    """Greedy answers of the serving engine (KV cache, adapter hot-loaded into a slot): the
+    exact-match accuracy and the rows answered right."""
     stack = QuiverStack(base.model, AdapterRegistry(base.model, 2, 16), base.config)
     stack.load("facts", adapter_dir)
     tok = base.tokenizer
@@ -64,7 +70,8 @@ def _served_accuracy(base, adapter_dir: Path) -> float:
                 "facts") for m in rows]
     outputs = stack.greedy(stack.engine(tok), prompts, n=8)
     answers = [tok.decode(ids).split("<|im_end|>")[0].strip() for ids in outputs]
-    return sum(a == m[1]["content"] for a, m in zip(answers, rows)) / len(rows)
+    right = {i for i, (a, m) in enumerate(zip(answers, rows)) if a == m[1]["content"]}
+    return len(right) / len(rows), right
 
 
 def _test_rows() -> list[list[dict]]:
