@@ -5,7 +5,8 @@
 
 Figures (medians over --reps, same run):
 - step:  one decode step of B rows (32-token contexts) through the KV-cache path, incl. metadata
-- floor: the raw bitsandbytes NF4 matmuls of every decoder projection at the same batch
+- floor: the step's matmuls alone on the fastest kernels: every NF4 projection (fused CPU
+         kernel, merged groups) plus the lm_head matmul, at the same batch
 - hf:    transformers + bitsandbytes `generate` (same NF4 config), time per generated token
 - multi: B rows over B distinct LoRA adapters (r=16, all seven projections) / the same rows on
          the base, and PEFT's mixed-batch forward (`adapter_names=`) / PEFT's base forward
@@ -25,7 +26,7 @@ CONTEXT = 32
 def _quiver(quant: str):
     from runtime.models.base import load_base
 
-    return load_base(None, quant, "float32", "cpu")
+    return load_base(None, quant, device="cpu")  # the serving defaults (resolve_precision)
 
 
 def quiver_step_fn(model, batch: int, slots: list[int] | None = None, registry=None):
@@ -55,28 +56,38 @@ def quiver_step_fn(model, batch: int, slots: list[int] | None = None, registry=N
 
 
 def floor_fn(model, batch: int):
-    """All NF4 projection matmuls of one decode step, nothing else."""
-    import bitsandbytes as bnb
+    """The step's matmuls and nothing else, each on the fastest kernel there is for it: every
+    4-bit projection on the model's kernel (q/k/v and gate/up as their one merged call where the
+    model merges them, runtime/nn/groups.py) plus the lm_head's raw matmul (int8 / bf16 by
+    batch size as runtime/nn/lm_head.py picks, without its exact top-candidate pass; fp32 in
+    the exact mode)."""
+    from runtime.nn.kernels import fused_matmul
+    from runtime.nn.lm_head import INT8_MAX_ROWS
 
-    linears = [lin.base for lin in model.adapted_linears().values()]
-    xs = {lin.in_features: torch.randn(batch, lin.in_features) for lin in linears}
+    calls = []  # (in_features, fn)
+    for layer in model.model.layers:
+        for group, single in ((layer.self_attn.qkv, layer.self_attn.o_proj), (layer.mlp.gate_up, layer.mlp.down_proj)):
+            members = group._members
+            if group.merged:
+                calls.append((members[0].base.in_features,
+                              lambda x, g=group: fused_matmul(x, g.weight, g._state)))
+            else:
+                calls += [(m.base.in_features, m.base) for m in members]
+            calls.append((single.base.in_features, single.base))
+    head = model.head
+    hidden = model.cfg.hidden_size
+    if head.int8 is not None and batch <= INT8_MAX_ROWS:
+        calls.append((hidden, lambda x: torch._weight_int8pack_mm(x.bfloat16(), head.int8, head.int8_scale)))
+    elif head.bf16 is not None:
+        calls.append((hidden, lambda x: torch.nn.functional.linear(x.bfloat16(), head.bf16)))
+    else:
+        calls.append((hidden, lambda x: torch.nn.functional.linear(x, head.weight)))
+    xs = {n: torch.randn(batch, n) for n, _ in calls}
 
     def run():
         with torch.no_grad():
-            for lin in linears:
-                bnb.matmul_4bit(xs[lin.in_features], lin.weight, quant_state=lin.quant_state)
-
-    return run
-
-
-def head_fn(model, batch: int):
-    """The lm_head matmul of one decode step: the model's one linear layer that QLoRA (and
-    transformers + bnb) leave unquantized, and that every decode step pays for every row."""
-    x = torch.randn(batch, model.lm_head_weight.shape[1], dtype=model.lm_head_weight.dtype)
-
-    def run():
-        with torch.no_grad():
-            torch.nn.functional.linear(x, model.lm_head_weight)
+            for n, fn in calls:
+                fn(xs[n])
 
     return run
 
@@ -190,7 +201,7 @@ def main(argv=None) -> int:
     base = _quiver("nf4")
     hf = None if args.no_hf else hf_nf4_model()
     print(f"\n{machine_line()}; {versions_line()}\n")
-    print("Decode step, embedded model, NF4 + double quant, fp32 compute, 32-token contexts (ms):\n")
+    print("Decode step, embedded model, NF4 + double quant, serving defaults, 32-token contexts (ms):\n")
     print(table(["batch", "quiver step", "NF4 floor", "step/floor", "transformers", "transformers/quiver"],
                 base_rows(args, base, hf)))
     if args.adapters:
