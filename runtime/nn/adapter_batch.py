@@ -43,6 +43,10 @@ class SlotSlab:
     width: int  # N: most tokens of one slot in this step
     source: torch.Tensor  # [G * N] token feeding each cell; T (a zero row) for an empty cell
     cells: torch.Tensor  # [n] the cell of each adapter token, in `adapter_rows` order
+    #: every token of the step is an adapter token sitting in its own cell, in order (a decode
+    #: step over consecutive slots, one row each, rows sorted by slot as the engine sorts them):
+    #: the grid is then a view of x and the delta a view of the bmm output, nothing gathered
+    identity: bool = False
 
     @classmethod
     def build(cls, row_tokens: list[int], row_slots: list[int], num_tokens: int, device=None):
@@ -58,7 +62,9 @@ class SlotSlab:
             filled[slot] += 1
             source[cell] = token
             cells.append(cell)
-        return cls(lo, hi, width, torch.tensor(source, device=device), torch.tensor(cells, device=device))
+        identity = source == list(range(num_tokens)) and cells == source
+        return cls(lo, hi, width, torch.tensor(source, device=device), torch.tensor(cells, device=device),
+                   identity)
 
 
 def prefer_slab(runs: list[tuple[int, int, int]], device_type: str) -> bool:

@@ -119,7 +119,9 @@ class LoraSlots(nn.Module):
         if not ab.any_dora:
             if ab.path == "slab":
                 d = _delta_slab(self, x, ab)
-                return y if d is None else y.index_add(0, ab.adapter_rows, d)
+                if d is None:
+                    return y
+                return y + d if ab.slab.identity else y.index_add(0, ab.adapter_rows, d)
             return y + _delta_gather(self, x, ab) if ab.use_gather else _add_runs(self, x, y, ab)
         delta = lora_delta(self, x, ab)  # [T, out], scaled, with lora bias
         f = self.dora[ab.token_slots]  # [T, out]
@@ -172,10 +174,15 @@ def _delta_slab(m: LoraSlots, x: torch.Tensor, ab: AdapterBatch) -> torch.Tensor
     if r == 0:
         return None
     G, N = sl.hi - sl.lo, sl.width
-    xs = F.pad(x, (0, 0, 0, 1))[sl.source].view(G, N, -1)  # [G, N, in]; empty cells: zero row
+    if sl.identity:
+        xs = x.view(G, N, -1)  # [G, N, in]: token t is cell t
+    else:
+        xs = F.pad(x, (0, 0, 0, 1))[sl.source].view(G, N, -1)  # [G, N, in]; empty cells: zero row
     xa = torch.bmm(xs, m.A[sl.lo:sl.hi, :r].transpose(1, 2))  # [G, N, r]
     xa = xa * m.scale[sl.lo:sl.hi, None, None]
-    d = torch.bmm(xa, m.Bt[sl.lo:sl.hi, :r]).view(G * N, -1)[sl.cells]  # [n, out]
+    d = torch.bmm(xa, m.Bt[sl.lo:sl.hi, :r]).view(G * N, -1)  # [G * N, out]
+    if not sl.identity:
+        d = d[sl.cells]  # [n, out]
     return d + m.bias[ab.adapter_row_slots] if any(m.has_bias[sl.lo:sl.hi]) else d
 
 

@@ -128,3 +128,20 @@ def test_moved_module_uses_its_new_storage():
     got = lora_delta(m, x, ab)
     assert got.dtype == torch.float64
     assert torch.allclose(got, lora_delta_reference(m, x, ab.token_slots), atol=1e-9, rtol=1e-9)
+
+
+def test_slab_over_a_full_grid_is_a_view_and_equals_reference():
+    """Decode rows over consecutive slots, one each, in slot order (how the engine sorts a
+    step): the slab reads x and writes y in place of gathers, and still equals the loop; one
+    row fewer breaks the identity and takes the gather route, also equal."""
+    m = filled_slots(3, [4, 8, 2, 8, 5, 1], [False] * SLOTS)
+    lora = set(range(SLOTS))
+    for rows in (list(range(SLOTS)), [0, 1, 2, 4, 5], [1, 2, 3, 4, 5]):
+        ab = AdapterBatch.build(rows, [1] * len(rows), SLOTS, lora_slots=lora)
+        assert ab.path == "slab"
+        assert ab.slab.identity == (rows != [0, 1, 2, 4, 5])  # slot 3 unused: an empty cell
+        x = torch.randn(len(rows), IN)
+        y = torch.randn(len(rows), OUT)
+        expected = y + lora_delta_reference(m, x, ab.token_slots)
+        assert torch.allclose(m(x, y, ab, None), expected, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(lora_delta(m, x, ab), expected - y, atol=1e-5, rtol=1e-5)
