@@ -296,7 +296,7 @@ def report(args, model_desc: str, served: dict | None, steps: dict | None, error
         rows = [[1, "base", steps["step_1_ms"]], [64, "base", steps["step_64_ms"]],
                 [n, f"{n} distinct adapters", steps["step_multi_ms"]], [n, "base (same rows)", steps["step_multi_base_ms"]]]
         lines += ["## In-process decode step (32-token histories)", "",
-                  f"{steps['kernels']}; activations {steps['dtype']}; median of several steps"
+                  f"{steps['kernels']}; median of several steps"
                   f"{' (each synchronized)' if args.device == 'cuda' else ''}.", "",
                   table(["rows", "adapters", "ms per step"], rows), ""]
     if errors:
