@@ -48,6 +48,10 @@ class AttentionBatch:
     decode_tokens: torch.Tensor | None = None  # [Bd] packed token index of each decode row
     decode_table: torch.Tensor | None = None  # [Bd, nb] block ids, padded with 0
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, nb*bs] True = attend
+    #: one decode row whose blocks are consecutive in the pool (a lone stream usually has them:
+    #: the cache hands out the lowest free block): (first block, first key, kv_len); its keys
+    #: are then read as a view of the pool, no gather copy (which grows with the context)
+    decode_span: tuple[int, int, int] | None = None
     #: when a list, each layer appends its (k, v) [T, H_kv, hd] (prompt-tuning KV precompute)
     capture: list | None = None
 
@@ -105,6 +109,12 @@ class AttentionBatch:
             mask[j, 0, 0, lo: row.kv_len] = True
         self.decode_rows = dec
         self.decode_tokens = torch.tensor([self.rows[i].q_start for i in dec])
+        only = self.rows[dec[0]]
+        b0 = only.seq.blocks[0]
+        if len(dec) == 1 and only.seq.blocks == list(range(b0, b0 + len(only.seq.blocks))):
+            lo = 0 if self.sliding_window is None else max(0, only.kv_len - self.sliding_window)
+            self.decode_span = (b0, lo, only.kv_len)
+            return
         self.decode_table = table.to(self.cache.device)
         self.decode_mask = mask.to(self.cache.device)
 
@@ -151,7 +161,13 @@ def attend(batch: AttentionBatch, layer: int, q: torch.Tensor, k: torch.Tensor, 
     if batch.cache is not None:
         batch.cache.write(layer, batch.write_index, k, v)
     out = torch.empty_like(q)
-    if batch.decode_rows:
+    if batch.decode_span is not None:
+        b0, lo, hi = batch.decode_span
+        kd, vd = batch.cache.span(layer, b0, lo, hi)  # [1, H_kv, hi - lo, hd] views
+        t = int(batch.decode_tokens[0])
+        qd = q[t:t + 1].transpose(0, 1)[None]  # [1, H, 1, hd]
+        out[t] = _sdpa(qd, kd.to(q.dtype), vd.to(q.dtype), None)[0, :, 0, :]
+    elif batch.decode_rows:
         kd, vd = batch.cache.gather(layer, batch.decode_table)  # [Bd, H_kv, L, hd]
         qd = q[batch.decode_tokens][:, :, None, :]  # [Bd, H, 1, hd]
         od = _sdpa(qd, kd.to(q.dtype), vd.to(q.dtype), batch.decode_mask)

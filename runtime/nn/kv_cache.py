@@ -111,6 +111,15 @@ class KVCache:
         kv = kv.transpose(2, 3)  # [2, B, H, L, hd]
         return kv[0], kv[1]
 
+    def span(self, layer: int, first_block: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values lo..hi-1 of a sequence whose blocks are consecutive from `first_block`,
+        as views of the pool (no copy): k, v [1, H_kv, hi - lo, hd]."""
+        c, bs = self.cfg, self.block_size
+        nb = -(-hi // bs)
+        kv = self.pool[layer, :, first_block:first_block + nb]  # [2, nb, bs, H, hd]
+        kv = kv.reshape(2, nb * bs, c.num_kv_heads, c.head_dim)[:, lo:hi].transpose(1, 2)
+        return kv[0][None], kv[1][None]
+
     def write_prefix(self, seq: SeqCache, kv: torch.Tensor) -> None:
         """Store a precomputed per-layer prefix (kv: [L, 2, H_kv, N, hd]) as the first N rows."""
         n = kv.shape[3]

@@ -189,3 +189,36 @@ def test_gradients_flow_through_frozen_nf4():
     assert all(p.grad is None for p in model.parameters())
     for k, v in model.state_dict().items():
         assert torch.equal(v, frozen[k]), k
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", ["llama-tied", "mistral-window"])
+@pytest.mark.parametrize("scatter", [False, True])
+def test_lone_decode_row_reads_its_keys_in_place(variant, scatter, monkeypatch):
+    """One sequence decoding alone: consecutive blocks are read as a view of the pool (the span
+    path); blocks with a hole (another sequence's freed block) take the gather path. Both equal
+    the explicit per-row loop, with and without a sliding window (8) shorter than the context."""
+    import runtime.nn.model as model_mod
+
+    model = build(make_hf_model(variant))
+    prompt = [torch.randint(0, 101, (13,), generator=torch.Generator().manual_seed(4))]
+    cache = KVCache(model.cfg, max_tokens=512, block_size=4)
+    if scatter:  # blocks 0 and 1 taken, 0 freed: the sequence gets 0, 2, 3, ...
+        first, second = SeqCache(), SeqCache()
+        cache.reserve(first, 4)
+        cache.reserve(second, 4)
+        cache.free(first)
+    spans = []
+    original = AttentionBatch.prepare
+
+    def spy(self, window):
+        original(self, window)
+        spans.append(self.decode_span is not None)
+
+    monkeypatch.setattr(AttentionBatch, "prepare", spy)
+    fast, _, _ = run_cached(model, prompt, 6, cache)
+    monkeypatch.setattr(AttentionBatch, "prepare", original)
+    monkeypatch.setattr(model_mod, "attend", attend_reference)
+    ref, _, _ = run_cached(model, prompt, 6, KVCache(model.cfg, max_tokens=512, block_size=4))
+    assert (torch.stack(fast[0]) - torch.stack(ref[0])).abs().max() <= 1e-5
+    assert any(spans) is not scatter
