@@ -103,7 +103,7 @@ def run_info(args: argparse.Namespace) -> int:
             "kv_heads": cfg.num_kv_heads, "vocab": cfg.vocab_size,
             "projection_params": proj_params, "projection_bytes": nbytes["projections"],
             "projection_bytes_per_param": round(nbytes["projections"] / proj_params, 4),
-            "other_bytes": nbytes["other"]}
+            "other_bytes": nbytes["other"], "lm_head_copy_bytes": nbytes["lm_head_copies"]}
     json.dump(info, sys.stdout, indent=2)
     print()
     return 0

@@ -69,6 +69,11 @@ class LmHead(nn.Module):
         exact = torch.bmm(self.weight[top], x[:, :, None])[:, :, 0]  # [n, k, h] @ [n, h, 1]
         return logits.scatter_(-1, top, exact)
 
+    def copy_bytes(self) -> int:
+        """Bytes of the approximate copies (none in the exact mode)."""
+        return sum(t.numel() * t.element_size() for t in (self.bf16, self.int8, self.int8_scale)
+                   if t is not None)
+
     @property
     def weight(self) -> torch.Tensor:
         return self._weight[0]

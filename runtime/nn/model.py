@@ -276,9 +276,9 @@ class DecoderModel(nn.Module):
         return torch.stack([k, v], dim=1).permute(0, 1, 3, 2, 4).contiguous()  # [L, 2, H_kv, N, hd]
 
     def base_bytes(self) -> dict[str, int]:
-        """Resident bytes of the base: quantized projections vs everything else."""
-        proj = sum(t.numel() * t.element_size() for lin in self.adapted_linears().values()
-                   for t in lin.base.state_dict().values())
+        """Resident bytes of the base: quantized projections (codes, statistics, the fused
+        layout's bf16 absmax), everything else, and the lm_head's kernel copies (int8 / bf16)."""
+        proj = sum(lin.base.resident_bytes() for lin in self.adapted_linears().values())
         other = sum(p.numel() * p.element_size() for n, p in self.named_parameters()
                     if ".lora." not in n and not n.startswith("embed_lora"))
-        return {"projections": proj, "other": other}
+        return {"projections": proj, "other": other, "lm_head_copies": self.head.copy_bytes()}

@@ -44,6 +44,9 @@ class DenseLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight
 
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
 
 class QuantLinear(nn.Module):
     """A frozen bitsandbytes 4-bit projection: `y = x @ dequant(W4).T + b`.
@@ -128,6 +131,13 @@ class QuantLinear(nn.Module):
 
         y = fused_matmul(x, self.weight, self._fused_state)  # [.., out] in x.dtype
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def resident_bytes(self) -> int:
+        """Codes and statistics (state_dict), plus the fused layout's bf16 absmax."""
+        n = sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        if self._fused_state is not None:
+            n += self._fused_state.absmax.numel() * self._fused_state.absmax.element_size()
+        return n
 
     def standard_codes(self) -> torch.Tensor:
         """The 4-bit codes in bitsandbytes' standard layout ([out*in/2, 1] uint8)."""
