@@ -30,18 +30,21 @@ def _quiver(quant: str):
 
 
 def quiver_step_fn(model, batch: int, slots: list[int] | None = None, registry=None):
-    """A closure that runs one decode step for `batch` rows with CONTEXT-token histories."""
+    """A closure that runs one decode step for `batch` rows with CONTEXT-token histories, on the
+    model's device (cache, tokens and metadata there too; CUDA is synchronized, so a timing is
+    the kernels' time)."""
     from runtime.nn.adapter_batch import AdapterBatch
     from runtime.nn.attention import AttentionBatch
     from runtime.nn.kv_cache import KVCache, SeqCache
 
-    cache = KVCache(model.cfg, max_tokens=batch * (CONTEXT + 16), dtype=model.dtype)
+    dev = model.model.norm.weight.device
+    cache = KVCache(model.cfg, max_tokens=batch * (CONTEXT + 16), dtype=model.dtype, device=dev)
     seqs = [SeqCache() for _ in range(batch)]
     for s in seqs:
         cache.reserve(s, CONTEXT + 1)
         s.length = CONTEXT  # history rows (values do not matter for timing)
-    tokens = torch.randint(0, model.cfg.vocab_size, (batch,))
-    positions = torch.full((batch,), CONTEXT)
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch,), device=dev)
+    positions = torch.full((batch,), CONTEXT, device=dev)
 
     def step():
         with torch.no_grad():
@@ -49,8 +52,12 @@ def quiver_step_fn(model, batch: int, slots: list[int] | None = None, registry=N
             ab = None
             if slots is not None:
                 lora, dora, emb = registry.slot_sets()
-                ab = AdapterBatch.build(slots, [1] * batch, registry.none_slot, lora_slots=lora)
-            return model(tokens, positions, attn, ab).argmax(-1)
+                ab = AdapterBatch.build(slots, [1] * batch, registry.none_slot, lora_slots=lora,
+                                        dora_slots=dora, embedding_slots=emb, device=dev)
+            out = model(tokens, positions, attn, ab).argmax(-1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return out
 
     return step
 

@@ -198,44 +198,9 @@ def served_figures(address: str, ids: list[str], args) -> dict:
             "base_tps": res["base"]["tokens_per_s"], "adapters_tps": res["adapters"]["tokens_per_s"]}
 
 
-def step_fn(model, batch: int, slots: list[int] | None = None, registry=None):
-    """One decode step of `batch` rows with CONTEXT-token histories on the model's device:
-    bench/decode_bench.py quiver_step_fn where the model is on CPU; on CUDA the same step with
-    its cache, tokens and metadata on the GPU, synchronized so the time is the kernels' time."""
-    from bench.decode_bench import CONTEXT, quiver_step_fn
-
-    dev = model.model.norm.weight.device
-    if dev.type == "cpu":
-        return quiver_step_fn(model, batch, slots, registry)
-    from runtime.nn.adapter_batch import AdapterBatch
-    from runtime.nn.attention import AttentionBatch
-    from runtime.nn.kv_cache import KVCache, SeqCache
-
-    cache = KVCache(model.cfg, max_tokens=batch * (CONTEXT + 16), dtype=model.dtype, device=dev)
-    seqs = [SeqCache() for _ in range(batch)]
-    for s in seqs:
-        cache.reserve(s, CONTEXT + 1)
-        s.length = CONTEXT  # history rows (values do not matter for timing)
-    tokens = torch.randint(0, model.cfg.vocab_size, (batch,), device=dev)
-    positions = torch.full((batch,), CONTEXT, device=dev)
-
-    def step():
-        with torch.no_grad():
-            attn = AttentionBatch.with_cache(cache, seqs, [1] * batch)
-            ab = None
-            if slots is not None:
-                lora, dora, emb = registry.slot_sets()
-                ab = AdapterBatch.build(slots, [1] * batch, registry.none_slot, lora_slots=lora,
-                                        dora_slots=dora, embedding_slots=emb, device=dev)
-            out = model(tokens, positions, attn, ab).argmax(-1)
-        torch.cuda.synchronize(dev)
-        return out
-
-    return step
-
-
 def step_figures(model_dir: Path, adapter_dir: Path, ids: list[str], device: str, reps: int) -> dict:
     from bench.common import median_time
+    from bench.decode_bench import quiver_step_fn
     from runtime.adapters.peft_format import read_adapter
     from runtime.adapters.registry import AdapterRegistry
     from runtime.models.base import load_base
@@ -244,15 +209,15 @@ def step_figures(model_dir: Path, adapter_dir: Path, ids: list[str], device: str
     reps = max(5, 3 * reps)
     out = {"kernels": base.kernel_line(), "dtype": str(base.dtype).removeprefix("torch.")}
     for b in (1, 64):
-        out[f"step_{b}_ms"] = median_time(step_fn(base.model, b), reps, warmup=2) * 1e3
+        out[f"step_{b}_ms"] = median_time(quiver_step_fn(base.model, b), reps, warmup=2) * 1e3
     reg = AdapterRegistry(base.model, num_slots=len(ids), max_rank=16)
     for a in ids:
         reg.add(a, read_adapter(adapter_dir / a, base.config, max_rank=16))
     slots = sorted(reg.acquire(a)[0] for a in ids)
     n = len(ids)
     out["multi_rows"] = n
-    out["step_multi_ms"] = median_time(step_fn(base.model, n, slots, reg), reps, warmup=2) * 1e3
-    out["step_multi_base_ms"] = median_time(step_fn(base.model, n), reps, warmup=2) * 1e3
+    out["step_multi_ms"] = median_time(quiver_step_fn(base.model, n, slots, reg), reps, warmup=2) * 1e3
+    out["step_multi_base_ms"] = median_time(quiver_step_fn(base.model, n), reps, warmup=2) * 1e3
     return out
 
 

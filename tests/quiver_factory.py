@@ -47,10 +47,13 @@ class QuiverStack:
         self.registry.add(adapter_id, read_adapter(path, self.cfg, max_rank=self.registry.max_rank))
 
     @torch.no_grad()
-    def batch_logits(self, rows: list[tuple[torch.Tensor, str]], force_path: str | None = None):
-        """One packed prefill over the KV-cache path; row i: (ids [L], adapter id or "").
-        Returns per-row logits [L, V] for the row's own tokens (not the adapter's prefix)."""
-        cache = KVCache(self.cfg, max_tokens=8192, block_size=4)
+    def batch_logits(self, rows: list[tuple[torch.Tensor, str]], force_path: str | None = None,
+                     with_path: bool = False):
+        """One packed prefill over the KV-cache path on the model's device; row i: (ids [L],
+        adapter id or ""). Returns per-row logits [L, V] for the row's own tokens (not the
+        adapter's prefix), on the CPU in fp32; with_path: (logits, the LoRA path taken)."""
+        dev = self.model.model.norm.weight.device
+        cache = KVCache(self.cfg, max_tokens=8192, block_size=4, dtype=self.model.dtype, device=dev)
         seqs, slots = [], []
         for _, adapter_id in rows:
             seq, slot = SeqCache(), self.registry.none_slot
@@ -66,14 +69,17 @@ class QuiverStack:
         attn = AttentionBatch.with_cache(cache, seqs, q_lens)
         lora, dora, emb = self.registry.slot_sets()
         ab = AdapterBatch.build(slots, q_lens, self.registry.none_slot, lora_slots=lora,
-                                dora_slots=dora, embedding_slots=emb, force_path=force_path)
-        tokens = torch.cat([ids for ids, _ in rows])
-        positions = torch.cat([torch.arange(s.length, s.length + n) for s, n in zip(seqs, q_lens)])
-        logits = self.model(tokens, positions, attn, ab)
-        for _, adapter_id in rows:
-            if adapter_id:
-                self.registry.release(adapter_id)
-        return list(logits.split(q_lens))
+                                dora_slots=dora, embedding_slots=emb, device=dev, force_path=force_path)
+        tokens = torch.cat([ids for ids, _ in rows]).to(dev)
+        positions = torch.cat([torch.arange(s.length, s.length + n) for s, n in zip(seqs, q_lens)]).to(dev)
+        try:
+            logits = self.model(tokens, positions, attn, ab).float().cpu()
+        finally:
+            for _, adapter_id in rows:
+                if adapter_id:
+                    self.registry.release(adapter_id)
+        out = list(logits.split(q_lens))
+        return (out, ab.path) if with_path else out
 
     def logits(self, ids: torch.Tensor, adapter_id: str = "") -> torch.Tensor:
         return self.batch_logits([(ids, adapter_id)])[0]

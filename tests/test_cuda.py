@@ -31,8 +31,6 @@ import torch
 from runtime.adapters.registry import AdapterRegistry
 from runtime.config import ModelConfig, QuantConfig
 from runtime.nn.adapter_batch import AdapterBatch
-from runtime.nn.attention import AttentionBatch
-from runtime.nn.kv_cache import KVCache, SeqCache
 from runtime.nn.lora import LoraSlots, lora_delta, lora_delta_reference
 from runtime.nn.model import DecoderModel
 
@@ -72,37 +70,9 @@ def cuda_stack(hf, quant: str = "nf4", slots: int = 8, max_rank: int = 16):
     return QuiverStack(model, AdapterRegistry(model, slots, max_rank), cfg)
 
 
-@torch.no_grad()
 def cuda_logits(stack, rows: list[tuple[torch.Tensor, str]], force_path: str | None = None):
-    """QuiverStack.batch_logits with every tensor on the model's device: one packed prefill over
-    the paged KV-cache path; returns per-row logits [L, V] (on CPU, fp32) and the LoRA path."""
-    reg, dev = stack.registry, DEV
-    cache = KVCache(stack.cfg, max_tokens=4096, block_size=4, dtype=stack.model.dtype, device=dev)
-    seqs, slots = [], []
-    for _, adapter_id in rows:
-        seq, slot = SeqCache(), reg.none_slot
-        if adapter_id:
-            slot, state = reg.acquire(adapter_id)
-            if state.kv_prefix is not None:
-                cache.write_prefix(seq, state.kv_prefix)
-        seqs.append(seq)
-        slots.append(slot)
-    q_lens = [len(ids) for ids, _ in rows]
-    for seq, n in zip(seqs, q_lens):
-        cache.reserve(seq, n)
-    try:
-        attn = AttentionBatch.with_cache(cache, seqs, q_lens)
-        lora, dora, emb = reg.slot_sets()
-        ab = AdapterBatch.build(slots, q_lens, reg.none_slot, lora_slots=lora, dora_slots=dora,
-                                embedding_slots=emb, device=dev, force_path=force_path)
-        tokens = torch.cat([ids for ids, _ in rows]).to(dev)
-        positions = torch.cat([torch.arange(s.length, s.length + n) for s, n in zip(seqs, q_lens)]).to(dev)
-        logits = stack.model(tokens, positions, attn, ab).float().cpu()
-    finally:
-        for _, adapter_id in rows:
-            if adapter_id:
-                reg.release(adapter_id)
-    return list(logits.split(q_lens)), ab.path
+    """QuiverStack.batch_logits on the GPU model: per-row logits (CPU, fp32) and the LoRA path."""
+    return stack.batch_logits(rows, force_path, with_path=True)
 
 
 def bnb_cuda(hf):
