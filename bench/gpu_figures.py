@@ -27,7 +27,6 @@ import datetime
 import json
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.peers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / ".gpu-wheels" / "smollm2-config"
@@ -122,21 +123,10 @@ def write_adapters(model_dir: Path, root: Path, n: int) -> list[str]:
 
 
 # ---- the server ----------------------------------------------------------------------------------
-def free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise SystemExit(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
-
-
 def start_server(model_dir: Path, adapter_dir: Path, device: str, slots: int, streams: int,
                  timeout: float) -> tuple[subprocess.Popen, str]:
     """`quiver serve` as a subprocess; returns once it prints its "quiver serving on" line."""
-    port = free_port()
+    port = free_port(PORTS)
     cmd = [sys.executable, "-m", "runtime.cli", "serve", "--model", str(model_dir), "--device", device,
            "--adapter-dir", str(adapter_dir), "--max-device-adapters", str(slots),
            "--max-running", str(max(64, streams)), "--port", str(port), "--metrics-port", "-1"]
