@@ -57,6 +57,10 @@ class AttentionBatch:
 
     batch_decode: bool = True  # group q_len == 1 rows into one call (False: loop every row)
     _prepared: bool = False
+    looped_rows: list[AttnRow] = field(default_factory=list)  # rows attended one by one
+    #: the grouped decode rows are every row, tokens 0..T-1 in order (a pure decode step): q is
+    #: then the decode group as it is, and its output the layer's, with no index in or out
+    all_decode: bool = False
 
     @classmethod
     def without_cache(cls, q_lens: list[int], prefixes: list[torch.Tensor | None] | None = None
@@ -90,6 +94,8 @@ class AttentionBatch:
         self.sliding_window = sliding_window
         if self.cache is not None and self.batch_decode:
             self._group_decode_rows()
+        grouped = set(self.decode_rows)
+        self.looped_rows = [r for i, r in enumerate(self.rows) if i not in grouped]
         self._prepared = True
 
     def _group_decode_rows(self) -> None:
@@ -109,6 +115,7 @@ class AttentionBatch:
             mask[j, 0, 0, lo: row.kv_len] = True
         self.decode_rows = dec
         self.decode_tokens = torch.tensor([self.rows[i].q_start for i in dec])
+        self.all_decode = len(dec) == len(self.rows)  # then row i is token i (q_len 1 each)
         only = self.rows[dec[0]]
         b0 = only.seq.blocks[0]
         if len(dec) == 1 and only.seq.blocks == list(range(b0, b0 + len(only.seq.blocks))):
@@ -160,23 +167,27 @@ def attend(batch: AttentionBatch, layer: int, q: torch.Tensor, k: torch.Tensor, 
         batch.capture.append((k, v))
     if batch.cache is not None:
         batch.cache.write(layer, batch.write_index, k, v)
+    if batch.all_decode:
+        return _attend_decode_group(batch, layer, q)
     out = torch.empty_like(q)
-    if batch.decode_span is not None:
-        b0, lo, hi = batch.decode_span
-        kd, vd = batch.cache.span(layer, b0, lo, hi)  # [1, H_kv, hi - lo, hd] views
-        t = int(batch.decode_tokens[0])
-        qd = q[t:t + 1].transpose(0, 1)[None]  # [1, H, 1, hd]
-        out[t] = _sdpa(qd, kd.to(q.dtype), vd.to(q.dtype), None)[0, :, 0, :]
-    elif batch.decode_rows:
-        kd, vd = batch.cache.gather(layer, batch.decode_table)  # [Bd, H_kv, L, hd]
-        qd = q[batch.decode_tokens][:, :, None, :]  # [Bd, H, 1, hd]
-        od = _sdpa(qd, kd.to(q.dtype), vd.to(q.dtype), batch.decode_mask)
-        out[batch.decode_tokens] = od[:, :, 0, :]
-    batched = set(batch.decode_rows)
-    for i, row in enumerate(batch.rows):
-        if i not in batched:
-            out[row.q_start: row.q_start + row.q_len] = _attend_row(batch, layer, row, q, k, v)
+    if batch.decode_rows:
+        out[batch.decode_tokens] = _attend_decode_group(batch, layer, q[batch.decode_tokens])
+    for row in batch.looped_rows:
+        out[row.q_start: row.q_start + row.q_len] = _attend_row(batch, layer, row, q, k, v)
     return out
+
+
+def _attend_decode_group(batch: AttentionBatch, layer: int, qd: torch.Tensor) -> torch.Tensor:
+    """The decode rows' queries qd [Bd, H, hd] against their cached keys -> [Bd, H, hd]."""
+    if batch.decode_span is not None:  # one row, consecutive blocks: its keys as a view
+        b0, lo, hi = batch.decode_span
+        kd, vd = batch.cache.span(layer, b0, lo, hi)  # [1, H_kv, hi - lo, hd]
+        mask = None
+    else:
+        kd, vd = batch.cache.gather(layer, batch.decode_table)  # [Bd, H_kv, L, hd]
+        mask = batch.decode_mask
+    od = _sdpa(qd[:, :, None, :], kd.to(qd.dtype), vd.to(qd.dtype), mask)  # [Bd, H, 1, hd]
+    return od[:, :, 0, :]
 
 
 def _attend_row(batch: AttentionBatch, layer: int, row: AttnRow, q, k, v) -> torch.Tensor:
