@@ -10,11 +10,12 @@
                         gradients (the trainer) and is the exact mode of `--dtype float32`.
 
 Why the fused kernel serves prefill too (measured, 1 thread, bench/kernel_bench.py): it costs a
-fixed time per 4 rows, so it beats dequantize + dense bf16 matmul up to ~128 rows and loses by
-up to 1.4x at 512. The dense alternative needs the standard layout resident next to the packed
-one (twice the weight bytes, 0.5 -> 1.05 B/param) or a per-step re-layout that costs more than
-the matmul it saves (~1 ms for 576x1536 in torch); neither pays for itself against the memory
-promise, so one layout and one kernel serve every batch size. See README "Where the time goes".
+fixed time per 4 rows, so it beats dequantize + dense bf16 matmul up to ~128 rows and takes
+~1.33x its time at 512-row prefill chunks (all four SmolLM2 shapes). The dense alternative needs
+the standard layout resident next to the packed one (0.55 -> 1.05 B/param) or a per-step
+re-layout that costs more than the matmul it saves (~1 ms for 576x1536 in torch); for ~6% of a
+prefill-heavy load neither pays for itself against the memory promise, so one layout and one
+kernel serve every batch size. See README "Kernels and precision".
 
 Shapes the fused kernel cannot take (out_features % 32, in_features % blocksize) stay on the
 standard layout: the choice is made per projection, never aborting.
