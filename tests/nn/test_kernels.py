@@ -71,6 +71,18 @@ def test_fused_equals_the_bf16_reference(out_f, in_f, rows):
 
 
 @fused_only
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_fused_equals_bitsandbytes_own_fused_op(method):
+    """The direct C entry computes what bitsandbytes' gemv_4bit op computes, for both 4-bit types."""
+    import bitsandbytes.functional as bnbf
+
+    lin = quant_linear(192, 576, method=method)
+    lin.use_kernel("cpu-fused")
+    x = torch.randn(7, 576)
+    assert torch.equal(lin(x), bnbf.gemv_4bit(x, lin.weight, state=lin._fused_state))
+
+
+@fused_only
 def test_fused_rows_do_not_depend_on_the_batch():
     """A row's output is the same alone and in any batch (decode rows, prefill chunks)."""
     lin = quant_linear(192, 576)
