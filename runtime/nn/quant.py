@@ -133,11 +133,18 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def resident_bytes(self) -> int:
-        """Codes and statistics (state_dict), plus the fused layout's bf16 absmax."""
-        n = sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        """Codes and statistics as held (buffers), plus the fused layout's bf16 absmax."""
+        n = sum(t.numel() * t.element_size() for t in self.buffers())
         if self._fused_state is not None:
             n += self._fused_state.absmax.numel() * self._fused_state.absmax.element_size()
         return n
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # A state_dict always holds the standard layout, whatever kernel runs: with the
+        # statistics beside it, it rebuilds the layer anywhere (as bitsandbytes' Linear4bit does).
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel == "cpu-fused":
+            destination[prefix + "weight"] = self.standard_codes()
 
     def standard_codes(self) -> torch.Tensor:
         """The 4-bit codes in bitsandbytes' standard layout ([out*in/2, 1] uint8)."""

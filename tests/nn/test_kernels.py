@@ -120,6 +120,18 @@ def test_fused_layout_keeps_the_standard_codes_and_statistics(method):
 
 
 @fused_only
+def test_state_dict_holds_the_standard_layout_on_every_kernel():
+    lin = quant_linear(192, 576, bias=True)
+    standard = {k: v.clone() for k, v in lin.state_dict().items()}
+    lin.use_kernel("cpu-fused")
+    fused = lin.state_dict()
+    assert fused.keys() == standard.keys()
+    assert all(torch.equal(fused[k], standard[k]) for k in standard)
+    assert lin.resident_bytes() == sum(v.numel() * v.element_size() for v in standard.values()) + \
+        lin._fused_state.absmax.numel() * 2  # + the bf16 absmax of the packed layout
+
+
+@fused_only
 def test_gradients_through_the_fused_layout_equal_the_standard_path():
     lin = quant_linear(192, 576, bias=True)
     x = torch.randn(6, 576)
