@@ -81,15 +81,15 @@ class EngineLoop:
         self.on_step = on_step  # callback(StepStats) after every non-empty step (metrics)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._stepping = threading.Event()  # set while `_run` runs, on whichever thread
+        self._idle = threading.Event()  # clear while `_run` steps, on whichever thread
+        self._idle.set()
         self._idle_wait = idle_wait_s
         self.accepting = True
 
     def start(self) -> None:
         """Step the engine on a new thread (tests, embedding; `quiver serve` calls `run`)."""
-        self._thread = threading.Thread(target=self._run, name="quiver-engine", daemon=True)
-        self._thread.start()
+        self._idle.clear()  # stepping from now: a stop() before the thread runs still waits
+        threading.Thread(target=self._run, name="quiver-engine", daemon=True).start()
 
     def run(self) -> None:
         """Step the engine on the calling thread until `stop` (from another thread)."""
@@ -122,13 +122,7 @@ class EngineLoop:
         self.accepting = False
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        elif self._stepping.is_set() and threading.current_thread() is not threading.main_thread():
-            deadline = time.monotonic() + 10  # `run` on another thread: let its step end
-            while self._stepping.is_set() and time.monotonic() < deadline:
-                time.sleep(0.01)
-        if self._stepping.is_set():
+        if not self._idle.wait(timeout=10):  # the step in flight ends, on whichever thread
             log.error("the engine loop did not stop within 10 s")
             return
         if self.engine.has_work():
@@ -138,11 +132,11 @@ class EngineLoop:
         # OpenMP keeps a thread count per thread: re-apply torch's (--threads) here, so that the
         # kernels this thread calls outside torch (bitsandbytes') use the same count.
         torch.set_num_threads(torch.get_num_threads())
-        self._stepping.set()
+        self._idle.clear()
         try:
             self._steps()
         finally:
-            self._stepping.clear()
+            self._idle.set()
 
     def _steps(self) -> None:
         while not self._stop.is_set():

@@ -76,11 +76,6 @@ def resolve_precision(dtype: str | None, device: torch.device, nf4_kernel: str =
     return Precision(dt, approximate, resolve_kernel(nf4_kernel, device, exact_fp32=dtype == "float32"))
 
 
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """The activation dtype `load_base` would pick for serving (see `resolve_precision`)."""
-    return resolve_precision(dtype, device).dtype
-
-
 @dataclass
 class LoadedBase:
     model: DecoderModel
@@ -90,7 +85,6 @@ class LoadedBase:
     quant: QuantConfig
     device: torch.device
     dtype: torch.dtype
-    precision: Precision | None = None
 
     def describe(self) -> dict:
         return {"model": self.config.name, "quantize": self.quant.method,
@@ -119,6 +113,6 @@ def load_base(model: str | None = None, quantize: str = "nf4", dtype: str | None
     weights = {k: v.to(dev) for k, v in load_state_dict(model_dir).items()}
     decoder = DecoderModel(cfg, weights, quant, dt).to(dev).eval()
     decoder.use_kernels(prec.nf4_kernel, prec.approximate_head)
-    loaded = LoadedBase(decoder, tokenizer, cfg, str(model_dir), quant, dev, dt, prec)
+    loaded = LoadedBase(decoder, tokenizer, cfg, str(model_dir), quant, dev, dt)
     log.info("loaded %s (%s, %s; %s)", cfg.name or model_dir, quant.method, dev, loaded.kernel_line())
     return loaded

@@ -104,6 +104,15 @@ class AttentionBatch:
         dec = [i for i, r in enumerate(self.rows) if r.q_len == 1]
         if not dec:
             return
+        self.decode_rows = dec
+        self.decode_tokens = torch.tensor([self.rows[i].q_start for i in dec])
+        self.all_decode = len(dec) == len(self.rows)  # then row i is token i (q_len 1 each)
+        blocks = self.rows[dec[0]].seq.blocks
+        if len(dec) == 1 and blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+            row = self.rows[dec[0]]
+            lo = 0 if self.sliding_window is None else max(0, row.kv_len - self.sliding_window)
+            self.decode_span = (blocks[0], lo, row.kv_len)  # no table, no mask: keys as a view
+            return
         bs = self.cache.block_size
         nb = max(len(self.rows[i].seq.blocks) for i in dec)
         table = torch.zeros(len(dec), nb, dtype=torch.long)
@@ -113,15 +122,6 @@ class AttentionBatch:
             table[j, : len(row.seq.blocks)] = torch.tensor(row.seq.blocks)
             lo = 0 if self.sliding_window is None else max(0, row.kv_len - self.sliding_window)
             mask[j, 0, 0, lo: row.kv_len] = True
-        self.decode_rows = dec
-        self.decode_tokens = torch.tensor([self.rows[i].q_start for i in dec])
-        self.all_decode = len(dec) == len(self.rows)  # then row i is token i (q_len 1 each)
-        only = self.rows[dec[0]]
-        b0 = only.seq.blocks[0]
-        if len(dec) == 1 and only.seq.blocks == list(range(b0, b0 + len(only.seq.blocks))):
-            lo = 0 if self.sliding_window is None else max(0, only.kv_len - self.sliding_window)
-            self.decode_span = (b0, lo, only.kv_len)
-            return
         self.decode_table = table.to(self.cache.device)
         self.decode_mask = mask.to(self.cache.device)
 

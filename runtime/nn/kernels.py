@@ -100,8 +100,8 @@ def fused_matmul(x: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
     that a decode step pays ~120 times. ctypes releases the GIL for the call, so the server's
     other threads run meanwhile. Falls back to the op where the symbol is absent.
     """
-    kernel = _fused_entry(state.quant_type)
-    if kernel is None or state.absmax.dtype != torch.bfloat16 or not state.absmax.is_contiguous():
+    kernel = _fused_entry(state.quant_type)  # the packed state's absmax is contiguous bf16
+    if kernel is None:
         import bitsandbytes.functional as bnbf
 
         return bnbf.gemv_4bit(x, packed, state=state)

@@ -217,14 +217,12 @@ class DecoderModel(nn.Module):
         pick the lm_head's kernels (runtime/nn/lm_head.py: approximate_head = bf16 / int8 with
         the top candidates exact). Call after moving the model to its device. Returns what
         runs where, for the start-up line."""
-        from runtime.nn.quant import QuantLinear
-
         groups = [m for m in self.modules() if isinstance(m, ProjectionGroup)]
         for g in groups:
             g.unmerge()
         counts: dict[str, int] = {}
         for lin in self.adapted_linears().values():
-            got = lin.base.use_kernel(nf4_kernel) if isinstance(lin.base, QuantLinear) else "dense"
+            got = lin.base.use_kernel(nf4_kernel)
             counts[got] = counts.get(got, 0) + 1
         merged = sum(g.merge() for g in groups)  # q/k/v and gate/up as one matmul each (groups.py)
         if merged:

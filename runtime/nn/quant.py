@@ -38,6 +38,12 @@ class DenseLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    kernel = "dense"
+
+    def use_kernel(self, kernel: str) -> str:
+        """Nothing to switch: a dense projection runs F.linear whatever the 4-bit kernel."""
+        return self.kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
