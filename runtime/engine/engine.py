@@ -349,8 +349,11 @@ class Engine:
         top_n = max(s.req.options.top_n for s in seqs)
         need_prev = any(s.req.sampling.repetition_penalty != 1.0 for s in seqs)
         prev = [torch.tensor(s.tokens, device=self.device) if need_prev else None for s in seqs]
+        gen = [torch.tensor(s.output_ids, dtype=torch.long) if s.req.sampling.has_output_penalty
+               else None for s in seqs]  # presence / frequency penalties: generated ids only
         result = sample(logits, [s.req.sampling for s in seqs], [s.generator for s in seqs],
-                        prev, [s.stop.suppressed_ids() for s in seqs], top_n=top_n)
+                        prev, [s.stop.suppressed_ids() for s in seqs], top_n=top_n,
+                        output_tokens=gen)
         tokens = result.tokens.tolist()
         logprobs = result.logprobs.tolist()
         for i, seq in enumerate(seqs):

@@ -63,7 +63,9 @@ def _is_int(x: object) -> bool:
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen. Processing order and meaning follow Hugging Face
-    `generate`: repetition penalty, then temperature, top-k, top-p, typical-p."""
+    `generate`: repetition penalty, then temperature, top-k, top-p, typical-p. OpenAI's
+    presence / frequency penalties (over the generated tokens only) come right after the
+    repetition penalty, where vLLM applies them too."""
 
     temperature: float = 0.0  # 0 = greedy (argmax after repetition penalty); else divide logits
     top_k: int = 0  # keep the k most likely tokens; 0 = off
@@ -71,6 +73,10 @@ class SamplingParams:
     typical_p: float = 1.0  # locally typical sampling mass; 1 = off
     repetition_penalty: float = 1.0  # CTRL-style penalty on tokens seen in prompt+output; 1 = off
     seed: int | None = None  # same seed + same inputs -> same tokens, whatever else is batched
+    #: OpenAI: logit[j] -= count_j * frequency_penalty + (count_j > 0) * presence_penalty, with
+    #: count_j = times token j was generated so far (the prompt does not count); 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def greedy(self) -> bool:
@@ -79,7 +85,12 @@ class SamplingParams:
     @property
     def is_default(self) -> bool:
         """Plain greedy: the sampler can take the cheapest path (one argmax) for this row."""
-        return self.greedy and self.repetition_penalty == 1.0
+        return self.greedy and self.repetition_penalty == 1.0 and not self.has_output_penalty
+
+    @property
+    def has_output_penalty(self) -> bool:
+        """Presence or frequency penalty on: the sampler needs the row's generated ids."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self, limits: RequestLimits = DEFAULT_LIMITS) -> None:
         t = self.temperature
@@ -98,6 +109,10 @@ class SamplingParams:
             raise InvalidParams(
                 "repetition_penalty", f"must be a finite number > 0 (1 = off), got {r!r}"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or math.isnan(v) or not -2.0 <= v <= 2.0:
+                raise InvalidParams(name, f"must be a number in [-2, 2] (0 = off), got {v!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise InvalidParams("seed", f"must be an integer in [0, 2**64), got {self.seed!r}")
 

@@ -4,6 +4,7 @@ Meaning. Each row is processed exactly as Hugging Face `generate` would process 
 HF's order (`transformers.generation.logits_process`):
 
     RepetitionPenaltyLogitsProcessor      (prompt + generated ids, as HF does for decoders)
+    presence / frequency penalty          (OpenAI's, over generated ids only; as vLLM orders it)
     suppressed ids -> -inf                (MinNewTokensLengthLogitsProcessor: EOS before min)
     --- greedy rows (temperature == 0) stop here and take the argmax ---
     TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper -> TypicalLogitsWarper
@@ -73,6 +74,7 @@ def sample(
     prev_tokens: Sequence[Tensor | None] | None = None,
     suppress: Sequence[set[int] | None] | None = None,
     top_n: int = 0,
+    output_tokens: Sequence[Tensor | None] | None = None,
 ) -> SampleResult:
     """Choose one token per row.
 
@@ -81,11 +83,15 @@ def sample(
     prev_tokens[i]: [L_i] ids seen so far by row i (prompt + generated), used only when that
     row has a repetition penalty (may be None otherwise). suppress[i]: ids row i may not pick
     this step (EOS under min_new_tokens), or None. top_n: how many alternatives to report.
+    output_tokens[i]: [G_i] ids row i generated so far, used only when that row has a presence
+    or frequency penalty.
 
     Semantics (`sample_reference` is this loop, kept as the test oracle):
 
         for i in range(B):
-            x = repetition_penalty(logits[i].float(), prev_tokens[i]); x[suppress[i]] = -inf
+            x = repetition_penalty(logits[i].float(), prev_tokens[i])
+            c = bincount(output_tokens[i], V)
+            x -= c * frequency_penalty[i] + (c > 0) * presence_penalty[i]; x[suppress[i]] = -inf
             if params[i].greedy:
                 token[i] = argmax(x)
             else:
@@ -93,7 +99,7 @@ def sample(
                 token[i] = argmax(softmax(x) / Exp(1) noise drawn with generators[i])
             logprob[i] = log_softmax(x)[token[i]]; top[i] = topk(log_softmax(x), top_n)
     """
-    x = process_logits(logits, params, prev_tokens, suppress)  # [B, V] float32
+    x = process_logits(logits, params, prev_tokens, suppress, output_tokens)  # [B, V] float32
     tokens = _choose(x, params, generators or [None] * len(params))  # [B]
     logp = torch.log_softmax(x, dim=-1)  # [B, V]
     chosen = logp.gather(1, tokens[:, None]).squeeze(1)  # [B]
@@ -106,6 +112,7 @@ def process_logits(
     params: Sequence[SamplingParams],
     prev_tokens: Sequence[Tensor | None] | None = None,
     suppress: Sequence[set[int] | None] | None = None,
+    output_tokens: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
     """logits: [B, V] -> [B, V] float32 after each row's processors (module docstring).
 
@@ -114,6 +121,7 @@ def process_logits(
     edits = any(not p.is_default for p in params) or any(suppress or ())
     x = logits.to(torch.float32, copy=edits)  # [B, V]; a private copy if we edit it in place
     _repetition_penalty_(x, params, prev_tokens)
+    _output_penalties_(x, params, output_tokens)
     _suppress_(x, suppress)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     _on_rows(x, sampled, lambda xs: _warp_(xs, [params[i] for i in sampled]))
@@ -169,6 +177,32 @@ def _repetition_penalty_(
         score = padded.gather(1, seen_ids)  # [R, L]
         score = torch.where(score < 0, score * penalty, score / penalty)
         return padded.scatter_(1, seen_ids, score)[:, :V]
+
+    _on_rows(x, rows, penalise)
+
+
+def _output_penalties_(
+    x: Tensor, params: Sequence[SamplingParams], output_tokens: Sequence[Tensor | None] | None
+) -> None:
+    """OpenAI presence / frequency penalties on the rows that set one: per-token counts of the
+    row's generated ids, one scatter_add for all rows (ids >= V land in a dropped column)."""
+    rows = [i for i, p in enumerate(params) if p.has_output_penalty]
+    if not rows:
+        return
+    if output_tokens is None:
+        raise ValueError("output_tokens is required for rows with a presence or frequency penalty")
+    V = x.shape[1]
+    gen = [_ids(output_tokens[i]) for i in rows]
+    gen_ids = pad_sequence(gen, batch_first=True, padding_value=V).clamp_(max=V)  # [R, G]
+    gen_ids = _to_device(gen_ids, torch.long, x.device) if gen_ids.device != x.device else gen_ids
+    freq = _row_values([params[i].frequency_penalty for i in rows], x, torch.float32)  # [R, 1]
+    pres = _row_values([params[i].presence_penalty for i in rows], x, torch.float32)  # [R, 1]
+
+    def penalise(xr: Tensor) -> Tensor:  # xr: [R, V]
+        counts = torch.zeros(xr.shape[0], V + 1, dtype=xr.dtype, device=xr.device)  # [R, V + 1]
+        counts.scatter_add_(1, gen_ids, torch.ones_like(gen_ids, dtype=xr.dtype))
+        counts = counts[:, :V]
+        return xr - counts * freq - (counts > 0).to(xr.dtype) * pres
 
     _on_rows(x, rows, penalise)
 
@@ -294,6 +328,7 @@ def sample_reference(
     prev_tokens: Sequence[Tensor | None] | None = None,
     suppress: Sequence[set[int] | None] | None = None,
     top_n: int = 0,
+    output_tokens: Sequence[Tensor | None] | None = None,
 ) -> SampleResult:
     """`sample`, one row at a time, in the plainest torch. Rows with a generator draw exactly
     what `sample` draws; rows without one draw from the default generator row by row."""
@@ -303,6 +338,8 @@ def sample_reference(
         x = logits[i].to(torch.float32, copy=True)  # [V]
         if p.repetition_penalty != 1.0:
             x = ref_repetition_penalty(x, prev_tokens[i], p.repetition_penalty)
+        if p.has_output_penalty:
+            x = ref_output_penalties(x, output_tokens[i], p.presence_penalty, p.frequency_penalty)
         for t in (suppress[i] if suppress else None) or ():
             if 0 <= t < x.shape[0]:
                 x[t] = NEG_INF
@@ -344,6 +381,16 @@ def ref_repetition_penalty(x: Tensor, seen: Tensor, penalty: float) -> Tensor:
     x = x.clone()
     v = x[ids]
     x[ids] = torch.where(v < 0, v * penalty, v / penalty)
+    return x
+
+
+def ref_output_penalties(x: Tensor, generated: Tensor, presence: float, frequency: float) -> Tensor:
+    """x: [V]; OpenAI's definition, token by token: for each generated id j (in range),
+    logit[j] -= count[j] * frequency + presence (presence once per distinct id)."""
+    x = x.clone()
+    ids = [int(t) for t in _ids(generated) if 0 <= int(t) < x.shape[0]]
+    for j in set(ids):
+        x[j] = x[j] - ids.count(j) * frequency - presence
     return x
 
 
