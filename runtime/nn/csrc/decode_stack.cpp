@@ -1,0 +1,169 @@
+// The decoder's layers for a pure decode step, in C++: the same ATen ops as the Python modules,
+// in the same order, without Python's per-op cost (runtime/nn/native.py says when it runs).
+//
+//   x [T, hidden] fp32 (T decode rows, one token each)
+//   per layer:
+//     h = rms_norm(x, ln1)                              [T, hidden]
+//     q|k|v = fused4bit(h, qkv) (+ bias)                [T, (H + 2 Hkv) hd]   (bf16 inside)
+//     q, k = rotate(q, cos, sin), rotate(k, cos, sin)   [T, H, hd], [T, Hkv, hd]
+//     cache[layer] rows write_index <- k, v
+//     o = sdpa(q, cached keys / values)                 [T, H, hd]
+//     x = x + fused4bit(o, o_proj)
+//     h = rms_norm(x, ln2)
+//     g|u = fused4bit(h, gate_up)                       [T, 2 inter]
+//     x = x + fused4bit(silu(g) * u, down)
+//
+// Each step mirrors runtime/nn/model.py, runtime/nn/attention.py, runtime/nn/rotary.py and
+// runtime/nn/kernels.py::fused_matmul op for op, so both paths give the same bits
+// (tests/nn/test_native.py). The 4-bit matmul is bitsandbytes' fused CPU kernel, whose address
+// Python hands over once (bitsandbytes' own shared library; nothing of it is linked here).
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+namespace {
+
+// gemv_4bit_inference_cpu_{nf4,fp4}_bf16(M, N, K, A, B, absmax, out, blocksize, A_strideM,
+// out_strideM): bitsandbytes' C signature
+using Kernel = void (*)(int64_t, int64_t, int64_t, const void*, const void*, const void*, void*,
+                        int64_t, int64_t, int64_t);
+
+struct Fused4bit {
+  at::Tensor packed;  // [n, k/2] uint8, the kernel's tiles
+  at::Tensor absmax;  // [k/blocksize, n] bf16
+  std::optional<at::Tensor> bias;  // [n] in the activation dtype
+  int64_t n = 0;
+  int64_t k = 0;
+};
+
+struct Layer {
+  at::Tensor ln1, ln2;  // [hidden]
+  Fused4bit qkv, o, gate_up, down;
+};
+
+Fused4bit make_fused(at::Tensor packed, at::Tensor absmax, std::optional<at::Tensor> bias,
+                     int64_t n, int64_t k) {
+  TORCH_CHECK(packed.is_contiguous() && absmax.is_contiguous(), "fused weights must be contiguous");
+  TORCH_CHECK(absmax.scalar_type() == at::kBFloat16, "fused absmax must be bf16");
+  return Fused4bit{std::move(packed), std::move(absmax), std::move(bias), n, k};
+}
+
+class DecodeStack {
+ public:
+  DecodeStack(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t inter, double eps,
+              int64_t blocksize, int64_t kernel_address)
+      : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), inter_(inter), eps_(eps),
+        blocksize_(blocksize), kernel_(reinterpret_cast<Kernel>(kernel_address)) {
+    TORCH_CHECK(kernel_address != 0, "no fused 4-bit kernel");
+  }
+
+  void add_layer(at::Tensor ln1, at::Tensor ln2,
+                 at::Tensor qkv_w, at::Tensor qkv_a, std::optional<at::Tensor> qkv_b,
+                 at::Tensor o_w, at::Tensor o_a, std::optional<at::Tensor> o_b,
+                 at::Tensor gu_w, at::Tensor gu_a, std::optional<at::Tensor> gu_b,
+                 at::Tensor dn_w, at::Tensor dn_a, std::optional<at::Tensor> dn_b) {
+    const int64_t hidden = ln1.size(0), q_dim = heads_ * head_dim_;
+    const int64_t qkv_n = (heads_ + 2 * kv_heads_) * head_dim_;
+    layers_.push_back(Layer{
+        std::move(ln1), std::move(ln2),
+        make_fused(std::move(qkv_w), std::move(qkv_a), std::move(qkv_b), qkv_n, hidden),
+        make_fused(std::move(o_w), std::move(o_a), std::move(o_b), hidden, q_dim),
+        make_fused(std::move(gu_w), std::move(gu_a), std::move(gu_b), 2 * inter_, hidden),
+        make_fused(std::move(dn_w), std::move(dn_a), std::move(dn_b), hidden, inter_)});
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // x [T, hidden], cos/sin [T, 1, hd] (Rotary.cos_sin), pool [L, 2, blocks, bs, Hkv, hd],
+  // write_index [T]. Keys: either one row's consecutive blocks (span_block >= 0: keys
+  // span_lo..span_hi-1 from that block, read as a view) or a block table [T, nb] with its
+  // mask [T, 1, 1, nb*bs]. Returns x after the last layer.
+  at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& pool, const at::Tensor& write_index,
+                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask,
+                     int64_t span_block, int64_t span_lo, int64_t span_hi) const {
+    at::NoGradGuard no_grad;
+    for (int64_t i = 0; i < num_layers(); ++i) {
+      const Layer& l = layers_[i];
+      at::Tensor h = at::rms_norm(x, {x.size(1)}, l.ln1, eps_);
+      at::Tensor o = attention(h, l, i, cos, sin, pool, write_index, table, mask, span_block,
+                               span_lo, span_hi);
+      x = x + matmul(o, l.o);
+      h = at::rms_norm(x, {x.size(1)}, l.ln2, eps_);
+      std::vector<at::Tensor> gu = matmul(h, l.gate_up).split({inter_, inter_}, -1);
+      x = x + matmul(at::silu(gu[0]) * gu[1], l.down);
+    }
+    return x;
+  }
+
+ private:
+  // runtime/nn/kernels.py::fused_matmul (+ the projection's bias): x [M, k] -> [M, n], x's dtype
+  at::Tensor matmul(const at::Tensor& x, const Fused4bit& w) const {
+    at::Tensor a = x.reshape({-1, w.k}).to(at::kBFloat16).contiguous();  // [M, k]
+    at::Tensor out = at::empty({a.size(0), w.n}, a.options());  // [M, n] bf16
+    kernel_(a.size(0), w.n, w.k, a.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(),
+            out.data_ptr(), blocksize_, a.stride(0), out.stride(0));
+    at::Tensor y = out.to(x.scalar_type());
+    return w.bias ? y + w.bias->to(y.scalar_type()) : y;
+  }
+
+  // runtime/nn/rotary.py::rotate: x [T, heads, hd]
+  at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const {
+    return at::addcmul(x * cos, x.roll({head_dim_ / 2}, {-1}), sin);
+  }
+
+  // Attention.forward up to o_proj's input: h [T, hidden] -> [T, H * hd]
+  at::Tensor attention(const at::Tensor& h, const Layer& l, int64_t layer, const at::Tensor& cos,
+                       const at::Tensor& sin, const at::Tensor& pool, const at::Tensor& write_index,
+                       const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask,
+                       int64_t span_block, int64_t span_lo, int64_t span_hi) const {
+    const int64_t T = h.size(0), q_dim = heads_ * head_dim_, kv_dim = kv_heads_ * head_dim_;
+    std::vector<at::Tensor> qkv = matmul(h, l.qkv).split({q_dim, kv_dim, kv_dim}, -1);
+    at::Tensor q = rotate(qkv[0].view({T, heads_, head_dim_}), cos, sin);
+    at::Tensor k = rotate(qkv[1].view({T, kv_heads_, head_dim_}), cos, sin);
+    at::Tensor v = qkv[2].view({T, kv_heads_, head_dim_});
+    // KVCache.write
+    at::Tensor flat = pool.select(0, layer).view({2, -1, kv_heads_, head_dim_});
+    flat.select(0, 0).index_copy_(0, write_index, k.to(pool.scalar_type()));
+    flat.select(0, 1).index_copy_(0, write_index, v.to(pool.scalar_type()));
+    // attention.py::_attend_decode_group
+    at::Tensor kd, vd;
+    std::optional<at::Tensor> attn_mask;
+    const int64_t bs = pool.size(3);
+    if (span_block >= 0) {  // KVCache.span: one row's keys as a view of the pool
+      const int64_t nb = (span_hi + bs - 1) / bs;
+      at::Tensor kv = pool.select(0, layer).slice(1, span_block, span_block + nb);
+      kv = kv.reshape({2, nb * bs, kv_heads_, head_dim_}).slice(1, span_lo, span_hi).transpose(1, 2);
+      kd = kv.select(0, 0).unsqueeze(0);
+      vd = kv.select(0, 1).unsqueeze(0);
+    } else {  // KVCache.gather over the block table
+      const int64_t B = table->size(0), nb = table->size(1);
+      at::Tensor kv = pool.select(0, layer).index({at::indexing::Slice(), *table});
+      kv = kv.reshape({2, B, nb * bs, kv_heads_, head_dim_}).transpose(2, 3);
+      kd = kv.select(0, 0);
+      vd = kv.select(0, 1);
+      attn_mask = mask;
+    }
+    at::Tensor od = at::scaled_dot_product_attention(
+        q.unsqueeze(2), kd.to(q.scalar_type()), vd.to(q.scalar_type()), attn_mask, 0.0, false,
+        std::nullopt, kv_heads_ != heads_);  // [T, H, 1, hd]
+    return od.select(2, 0).reshape({T, q_dim});
+  }
+
+  int64_t heads_, kv_heads_, head_dim_, inter_;
+  double eps_;
+  int64_t blocksize_;
+  Kernel kernel_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<DecodeStack>(m, "DecodeStack")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t>())
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("num_layers", &DecodeStack::num_layers)
+      .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+}
