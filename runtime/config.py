@@ -214,6 +214,10 @@ class ServerConfig:
     port: int = 8033  # gRPC; 0 = any free port
     metrics_port: int | None = 9090  # Prometheus /metrics; None = off, 0 = any free port
     grpc_workers: int = 256  # concurrent RPCs served; beyond it gRPC answers RESOURCE_EXHAUSTED
+    #: OpenAI-compatible HTTP (runtime/server/http); None = off, 0 = any free port. Off here so
+    #: an embedded server opens no port it was not asked for; `quiver serve` defaults to 8000.
+    http_port: int | None = None
+    served_model_name: str | None = None  # the base model's `model` id on HTTP; None = its name
     # ---- adapters
     adapter_dir: str | None = None  # lazy loading of <adapter-dir>/<id>; a LoadAdapter root
     allow_adapter_roots: list[str] = field(default_factory=list)  # more LoadAdapter source roots

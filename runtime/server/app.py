@@ -3,14 +3,17 @@
     build_server(cfg)   load_base -> AdapterRegistry(slots, max rank) -> AdapterStore ->
                         AdapterLoader -> Engine -> EngineLoop -> Core (+ Metrics wiring)
     server.start()      --preload adapters, engine thread, gRPC (Generation, Adapters, Health,
-                        reflection), /metrics HTTP, gauge refresher; health -> SERVING
+                        reflection), /metrics HTTP, the OpenAI HTTP port (runtime/server/http,
+                        same Core), gauge refresher; health -> SERVING
     server.shutdown()   drain (below), then everything stops
 
 Drain (SIGTERM, see serve_cli.py): health goes NOT_SERVING so load balancers move away; new
 Generate calls are answered UNAVAILABLE ("shutting down") while the gRPC server itself keeps
 running, so the in-flight streams keep flowing and health checks still get an answer; once the
 engine has no work, or the grace period is over, gRPC stops (a request still running then is
-cancelled, which frees its KV) and the engine thread ends.
+cancelled, which frees its KV) and the engine thread ends. The HTTP port follows the same
+steps: /health answers 503 from the start of the drain, new requests 503, open streams finish,
+then uvicorn stops.
 
 Every RPC passes two interceptors before a servicer: auth.py (bearer tokens: Adapters needs the
 admin token, Generation the API token when set; health and reflection stay open), then wire.py
@@ -101,6 +104,8 @@ class QuiverServer:
         self.health = health.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http = None
         self._grpc: grpc.Server | None = None
         self._metrics_http = None
         self._closing = threading.Event()
@@ -111,6 +116,11 @@ class QuiverServer:
     @property
     def address(self) -> str:
         return host_port(self.cfg.host, self.port)
+
+    @property
+    def base_model_id(self) -> str:
+        """The base model's id on the HTTP port (`model` field, first in GET /v1/models)."""
+        return self.cfg.served_model_name or self.core.model_info()["model"]
 
     # ---- start ------------------------------------------------------------------------------
     def start(self, engine_thread: bool = True) -> "QuiverServer":
@@ -126,6 +136,12 @@ class QuiverServer:
         if self.cfg.metrics_port is not None:
             self._metrics_http, _ = self.core.metrics.serve_http(self.cfg.metrics_port, self.cfg.host)
             self.metrics_port = self._metrics_http.server_port
+        if self.cfg.http_port is not None:
+            from runtime.server.http.app import HttpServer  # FastAPI only when HTTP is on
+
+            self._http = HttpServer(self.core, self.base_model_id, self._closing.is_set,
+                                    self.cfg.http_port).start()
+            self.http_port = self._http.port
         self._refresher = threading.Thread(target=self._refresh_gauges, name="quiver-gauges", daemon=True)
         self._refresher.start()
         for service in ("", GENERATION_SERVICE, ADAPTERS_SERVICE):
@@ -191,6 +207,8 @@ class QuiverServer:
                 # Handlers of finished requests only have their last message to send; give
                 # them a moment. Past the grace period, running RPCs are cancelled.
                 self._grpc.stop(grace=1.0 if drained else 0).wait()
+            if self._http is not None:
+                self._http.stop()  # open responses got the drain; the rest are cut now
             self.core.loop.drain(2.0)  # let cancellations of what was left reach the engine
             self.core.loop.stop()
             self.core.loader.shutdown()

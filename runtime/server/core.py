@@ -22,7 +22,8 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from runtime.adapters.loader import AdapterLoader
 from runtime.adapters.registry import AdapterBusy, AdapterInfo, AdapterNotFound, AdapterRegistry
@@ -90,6 +91,9 @@ class GenerateCall:
     stopping: StoppingParams = field(default_factory=StoppingParams)
     options: ResponseOptions = field(default_factory=ResponseOptions)
     truncation: Truncation = field(default_factory=Truncation)
+    #: stopping.max_new_tokens is a ceiling, lowered to what the context leaves after the prompt
+    #: (the OpenAI routes' meaning of an unset max_tokens)
+    fit_max_new_tokens: bool = False
 
 
 def truncate_prompt_ids(ids: list[int], keep: int, bos_id: int | None) -> list[int]:
@@ -156,7 +160,8 @@ class Core:
             if call.adapter_id:
                 self._ensure_adapter(call.adapter_id, wait_s)
             ids = self._truncate(full, call)
-            req = GenerationRequest(ids, call.adapter_id, call.sampling, call.stopping, call.options)
+            stopping = self._fit_max_new_tokens(ids, call) if call.fit_max_new_tokens else call.stopping
+            req = GenerationRequest(ids, call.adapter_id, call.sampling, stopping, call.options)
             stream = self.loop.submit(req, observer=self._observer(call.adapter_id, t0))
         except Exception:
             self._rejected(call.adapter_id, t0)
@@ -179,6 +184,19 @@ class Core:
                     "tokens; lower max_new_tokens")
             keep = min(keep, room)
         return ids if keep == len(ids) else truncate_prompt_ids(ids, keep, self.base.config.bos_token_id)
+
+    def _fit_max_new_tokens(self, ids: list[int], call: GenerateCall) -> StoppingParams:
+        """call.stopping with max_new_tokens lowered to the room the prompt leaves."""
+        virtual = self.registry.get(call.adapter_id).num_virtual_tokens if call.adapter_id else 0
+        room = self.max_context_tokens() - virtual - len(ids)
+        if room < 1:
+            raise InvalidParams("prompt", f"{len(ids)} prompt tokens + {virtual} adapter virtual tokens "
+                                          f"fill the context of {self.max_context_tokens()} tokens")
+        s = call.stopping
+        if s.min_new_tokens > room:
+            raise InvalidParams("min_new_tokens", f"({s.min_new_tokens}) does not fit: the prompt "
+                                                  f"leaves {room} tokens of context")
+        return replace(s, max_new_tokens=min(s.max_new_tokens, room))
 
     def max_context_tokens(self) -> int:
         """Prompt + virtual tokens + max_new_tokens of one request must fit in this."""
@@ -256,6 +274,15 @@ class Core:
         with self._tok_lock:
             return [TokenInfo(i, self.tokenizer.decode([i], skip_special_tokens=False)) for i in ids]
 
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each id's own text (logprob listings name tokens this way)."""
+        with self._tok_lock:
+            return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
     def tokenize(self, prompt: Prompt, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
         if prompt.text and not add_special_tokens:
             self.check_prompt_size(prompt)
@@ -307,6 +334,32 @@ class Core:
 
     def list_adapters(self) -> list[AdapterInfo]:
         return sorted(self.registry.list(), key=lambda i: i.adapter_id)
+
+    def loadable_adapters(self, limit: int = 4096, max_depth: int = 4) -> list[tuple[str, Path]]:
+        """(id, directory) of every PEFT adapter under --adapter-dir (a directory holding an
+        adapter_config.json), sorted; ids nest (`team-a/lora`). Bounded in count and depth, so a
+        huge or looping store cannot stall a listing."""
+        root = self.store.adapter_dir
+        if root is None:
+            return []
+        found: list[tuple[str, Path]] = []
+        frontier = [root]
+        for _ in range(max_depth):
+            nxt = []
+            for d in frontier:
+                try:
+                    children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+                except OSError:
+                    continue
+                for c in children:
+                    if (c / "adapter_config.json").is_file():
+                        found.append((c.relative_to(root).as_posix(), c))
+                    else:
+                        nxt.append(c)
+                    if len(found) >= limit:
+                        return sorted(found)
+            frontier = nxt
+        return sorted(found)
 
     # ---- metrics plumbing (callbacks wired by app.py) ---------------------------------------
     def on_step(self, stats: StepStats) -> None:

@@ -1,4 +1,4 @@
-"""Domain exceptions -> gRPC status codes, in one table (README "Errors").
+"""Domain exceptions -> gRPC status codes and HTTP statuses, in one table (README "Errors").
 
 Servicer methods raise domain exceptions; the `unary` / `stream` decorators turn them into a
 status with the exception's own message, written to be acted on ("max_new_tokens: must be an
@@ -22,26 +22,39 @@ from runtime.server.core import RequestFailed
 
 log = logging.getLogger(__name__)
 
-#: First match wins (order matters only for subclasses).
-STATUS_BY_EXCEPTION: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
-    (InvalidParams, grpc.StatusCode.INVALID_ARGUMENT),
-    (AdapterFormatError, grpc.StatusCode.INVALID_ARGUMENT),
-    (AdapterPathError, grpc.StatusCode.INVALID_ARGUMENT),
-    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (AdapterBusy, grpc.StatusCode.FAILED_PRECONDITION),
-    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
-    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (RequestFailed, grpc.StatusCode.INTERNAL),
-    (OSError, grpc.StatusCode.INTERNAL),  # the server's disk, e.g. an unreadable adapter file
+#: One table for both front ends: domain exception -> (gRPC status, HTTP status, OpenAI error
+#: type). First match wins (order matters only for subclasses). The HTTP side (http/errors.py)
+#: reads the same rows, so a domain error means the same thing on either port.
+ERROR_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] = (
+    (AdapterNotFound, grpc.StatusCode.NOT_FOUND, 404, "not_found_error"),
+    (InvalidParams, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    (AdapterFormatError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    (AdapterPathError, grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
+    (AdapterBusy, grpc.StatusCode.FAILED_PRECONDITION, 409, "conflict_error"),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable_error"),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout_error"),
+    (RequestFailed, grpc.StatusCode.INTERNAL, 500, "server_error"),
+    (OSError, grpc.StatusCode.INTERNAL, 500, "server_error"),  # the server's disk, e.g. an unreadable adapter file
 )
+STATUS_BY_EXCEPTION: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = tuple(
+    (exc, code) for exc, code, _, _ in ERROR_TABLE)
+INTERNAL_MESSAGE = "internal error (see the server log)"
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     for exc_type, code in STATUS_BY_EXCEPTION:
         if isinstance(error, exc_type):
             return code, str(error)
-    return grpc.StatusCode.INTERNAL, "internal error (see the server log)"
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def http_status_for(error: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, OpenAI error type, message) from the same table; 500 for a bug."""
+    for exc_type, _, status, kind in ERROR_TABLE:
+        if isinstance(error, exc_type):
+            return status, kind, str(error)
+    return 500, "server_error", INTERNAL_MESSAGE
 
 
 def _abort(context: grpc.ServicerContext, error: Exception) -> None:

@@ -1,7 +1,9 @@
 """`quiver serve`: the gRPC server (README "Server").
 
-Prints one line when ready, `quiver serving on HOST:PORT (metrics :P)` (scripts and tests wait
-for it; with --port 0 it carries the port actually bound). SIGTERM or SIGINT starts a drain
+Prints one line when ready, `quiver serving on HOST:PORT and http :H (metrics :P)` (scripts and
+tests wait for it; with port 0 it carries the ports actually bound; `http off` / `metrics off`
+when disabled; the gRPC address stays the 4th word and the metrics port the text after
+"(metrics ", as before the HTTP port existed). SIGTERM or SIGINT starts a drain
 (app.py): intake stops, in-flight requests get --grace-period seconds to finish, then the process
 exits 0. A second signal exits at once (status 130).
 
@@ -23,13 +25,17 @@ def add_parser(sub) -> None:
     from runtime.config import ServerConfig
 
     d = ServerConfig()
-    p = sub.add_parser("serve", help="serve the base model and its adapters over gRPC")
+    p = sub.add_parser("serve", help="serve the base model and its adapters over gRPC and HTTP")
     add_model_options(p)
     net = p.add_argument_group("network")
     net.add_argument("--host", default=d.host, help=f"bind address (default {d.host}: loopback only)")
     net.add_argument("--port", type=int, default=d.port, help=f"gRPC port (default {d.port}; 0 = any free)")
     net.add_argument("--metrics-port", type=int, default=d.metrics_port,
                      help=f"Prometheus /metrics port (default {d.metrics_port}; -1 = off; 0 = any free)")
+    net.add_argument("--http-port", type=int, default=8000,
+                     help="OpenAI-compatible HTTP port, same --host (default 8000; -1 = off; 0 = any free)")
+    net.add_argument("--served-model-name", default=None, metavar="NAME",
+                     help="the base model's id in the HTTP API's `model` field (default: its name)")
     net.add_argument("--grpc-workers", type=int, default=d.grpc_workers,
                      help=f"concurrent RPCs (default {d.grpc_workers}); more are RESOURCE_EXHAUSTED")
     ad = p.add_argument_group("adapters")
@@ -90,6 +96,8 @@ def config_from_args(args: argparse.Namespace):
         nf4_kernel=args.nf4_kernel, threads=args.threads,
         host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        http_port=None if args.http_port < 0 else args.http_port,
+        served_model_name=args.served_model_name,
         grpc_workers=args.grpc_workers, adapter_dir=args.adapter_dir,
         allow_adapter_roots=args.allow_adapter_roots, preload=args.preload,
         max_device_adapters=args.max_device_adapters, max_lora_rank=args.max_lora_rank,
@@ -118,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"quiver: {server.core.base.kernel_line()}; {torch_threads()} threads", flush=True)
     stop = _install_signal_handlers(server)
     metrics = f"metrics :{server.metrics_port}" if server.metrics_port is not None else "metrics off"
-    print(f"quiver serving on {server.address} ({metrics})", flush=True)
+    http = f"http :{server.http_port}" if server.http_port is not None else "http off"
+    print(f"quiver serving on {server.address} and {http} ({metrics})", flush=True)
     drained: list[bool] = []
 
     def drain_on_signal() -> None:
