@@ -86,6 +86,7 @@ def build_server(cfg: ServerConfig, base: LoadedBase | None = None,
     loader.on_loaded, loader.on_failed = core.on_adapter_loaded, core.on_adapter_failed
     registry.on_evict = core.on_adapter_evicted
     metrics.set_base(base.describe(), base.model.base_bytes())
+    metrics.lora_state(registry.num_slots, set(), set())  # the series exists before any request
     guard = auth.AuthInterceptor(auth.rules_for(cfg.host, cfg.admin_token, cfg.api_token),
                                  on_refused=metrics.auth_refused)
     return QuiverServer(cfg, core, (guard, *interceptors, DecodeGuard()), credentials)

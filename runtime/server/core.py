@@ -363,8 +363,13 @@ class Core:
 
     # ---- metrics plumbing (callbacks wired by app.py) ---------------------------------------
     def on_step(self, stats: StepStats) -> None:
+        """Engine thread, after each step: the only place the engine's queues are read from."""
         self.metrics.step(stats.rows, stats.tokens, stats.duration_s, stats.preempted)
         self.refresh_engine_gauges()
+        e = self.engine
+        running = {s.req.adapter_id for s in e.running if s.req.adapter_id}
+        waiting = {a for a, q in e.waiting.items() if a and q}
+        self.metrics.lora_state(self.registry.num_slots, running, waiting)
 
     def refresh_engine_gauges(self) -> None:
         e = self.engine

@@ -11,10 +11,18 @@ and a label once given is never taken back (that would leave stale series behind
 count again). Set N to at least the number of adapters you want to watch one by one. Requests refused for
 an adapter that does not exist (NOT_FOUND, a malformed id) are counted under `other` without
 claiming a label, so junk ids can never use up the N.
+
+vLLM's names, beside ours, for the Kubernetes inference gateway's model-server protocol (its
+endpoint picker scrapes them from /metrics on the HTTP port): `vllm:num_requests_waiting`,
+`vllm:num_requests_running`, `vllm:kv_cache_usage_perc` (0..1) and `vllm:lora_requests_info`,
+one series whose labels list the adapters running and waiting (comma-separated ids) and whose
+value is the unix time of the last change; a changed set replaces the old series (no stale
+ones). They are updated on the engine thread after each step, so a scrape only reads values.
 """
 from __future__ import annotations
 
 import threading
+import time
 
 from prometheus_client import (CollectorRegistry, GCCollector, Gauge, Histogram, Info,
                                PlatformCollector, ProcessCollector, start_http_server)
@@ -115,9 +123,19 @@ class Metrics:
         self.auth_refusals = PCounter("quiver_auth_refusals_total",
                                       "Calls refused by access control (missing / wrong token)",
                                       ("service", "code"), registry=r)
+        self._vllm(r)
         self.base_info = Info("quiver_base_model", "The base model served", registry=r)
         self.base_bytes = Gauge("quiver_base_model_bytes", "Resident bytes of the base model",
                                 ("part",), registry=r)
+
+    def _vllm(self, r: CollectorRegistry) -> None:
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be admitted", registry=r)
+        self.vllm_running = Gauge("vllm:num_requests_running", "Requests in the running batch", registry=r)
+        self.vllm_kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0..1 (1 = full)", registry=r)
+        self.vllm_lora = Gauge("vllm:lora_requests_info", "Running / waiting adapters; value: time of last change",
+                               ("max_lora", "running_lora_adapters", "waiting_lora_adapters"), registry=r)
+        self._lora_labels: tuple[str, str, str] | None = None
+        self._lora_lock = threading.Lock()
 
     # ---- recorders -------------------------------------------------------------------------
     def request_done(self, adapter_id: str | None, outcome: str, prompt_tokens: int, generated: int,
@@ -147,6 +165,20 @@ class Metrics:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
+        self.vllm_running.set(running)
+        self.vllm_waiting.set(waiting)
+        self.vllm_kv_usage.set(kv_usage)
+
+    def lora_state(self, max_lora: int, running: set[str], waiting: set[str]) -> None:
+        """vllm:lora_requests_info: one series; a new label set replaces the old one."""
+        labels = (str(max_lora), ",".join(sorted(running)), ",".join(sorted(waiting)))
+        with self._lora_lock:
+            if labels == self._lora_labels:
+                return
+            if self._lora_labels is not None:
+                self.vllm_lora.remove(*self._lora_labels)
+            self.vllm_lora.labels(*labels).set(time.time())
+            self._lora_labels = labels
 
     def adapters_resident(self, counts: dict[tuple[str, str], int]) -> None:
         """counts[(state, type)] -> number; absent pairs are set to 0 (series stay present)."""
