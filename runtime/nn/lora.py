@@ -53,6 +53,9 @@ class LoraSlots(nn.Module):
         self.ranks = [0] * n  # true rank per slot (python ints: the runs path slices by them)
         self.scales = [0.0] * n  # `scale` as python floats (addmm's alpha)
         self.has_bias = [False] * n  # LoRA bias (PEFT `lora_bias`) per slot: skip the add if not
+        #: the three lists above as one float64 row per slot (rank, scale, has_bias), for the C++
+        #: decode layers (runtime/nn/native.py), which read them without Python; not a buffer
+        self.slot_meta = torch.zeros(n, 3, dtype=torch.float64)
         #: slot -> (A[slot, :r].T, Bt[slot, :r]) views, made once at load rather than per call
         self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         #: training hook: dropout on the LoRA branch's input (PEFT `lora_dropout`); Identity serving
@@ -75,7 +78,7 @@ class LoraSlots(nn.Module):
                 self.has_bias[slot] = True
             if dora is not None:
                 self.dora[slot].copy_(dora)
-        self.bind_slot(slot, r, scale)
+        self.bind_slot(slot, r, scale)  # syncs slot_meta, has_bias included
         self._views[slot] = (self.A[slot, :r].T, self.Bt[slot, :r])
 
     def bind_slot(self, slot: int, rank: int, scale: float) -> None:
@@ -84,6 +87,7 @@ class LoraSlots(nn.Module):
             self.scale[slot] = scale
         self.ranks[slot], self.scales[slot] = rank, float(scale)
         self._views.pop(slot, None)
+        self._sync_meta(slot)
 
     def reset_slot(self, slot: int) -> None:
         with torch.no_grad():
@@ -95,6 +99,11 @@ class LoraSlots(nn.Module):
         self.ranks[slot], self.scales[slot] = 0, 0.0
         self.has_bias[slot] = False
         self._views.pop(slot, None)
+        self._sync_meta(slot)
+
+    def _sync_meta(self, slot: int) -> None:
+        self.slot_meta[slot] = torch.tensor([self.ranks[slot], self.scales[slot], self.has_bias[slot]],
+                                            dtype=torch.float64)
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A^T [in, r], B^T [r, out]) of a slot at its true rank."""

@@ -206,6 +206,8 @@ class DecoderModel(nn.Module):
             if targets is None or name.rsplit(".", 1)[-1] in targets:
                 lin.lora = LoraSlots(lin.base.in_features, lin.base.out_features, num_slots,
                                      max_rank, self.dtype, dev)
+        if self.native is not None:
+            self.native.attach_lora(self)
 
     def allocate_embedding_slots(self) -> None:
         """Embedding-LoRA tables ([S+1, vocab, r]) are large: made only once an adapter needs them."""
@@ -252,7 +254,7 @@ class DecoderModel(nn.Module):
         x = self.embed(tokens, adapters) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         if self.native is not None and self.native.takes(attn, adapters):
-            x = self.native(x, cos, sin, attn)  # the same layers' ops, issued from C++
+            x = self.native(x, cos, sin, attn, adapters)  # the same layers' ops, from C++
         else:
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, cos, sin, attn, i, adapters)

@@ -1,6 +1,6 @@
 """The pure-decode step's layers in C++ (csrc/decode_stack.cpp): the same ATen ops, without Python.
 
-    DecoderModel.forward, a step of decode rows only, no LoRA-family adapter in it:
+    DecoderModel.forward, a step of decode rows only (LoRA rows included, DoRA not):
         x = embed(tokens); cos, sin = rotary(positions)          (Python, once per step)
         x = DecodeStack.forward(x, cos, sin, KV pool, ...)         (C++, every layer)
         logits = lm_head(norm(x))                                  (Python, once per step)
@@ -33,6 +33,12 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_stack.cpp"
+#: a layer's projections in the C++ stack's order (its `Member` enum)
+MEMBERS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+           ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+#: LoRA paths the C++ layers run (adapter_batch.py); "gather" (CUDA) stays in Python
+LORA_PATHS = {"runs": 1, "slab": 2}
+_NO_LORA = (0, None, 0, 0, 0, False, None, None, None, None)
 #: set to 0 to run every step through the Python modules (same output; for comparison)
 ENV_SWITCH = "QUIVER_NATIVE_DECODE"
 
@@ -94,21 +100,47 @@ class NativeDecode:
                             o.weight, o._fused_state.absmax, o.bias,
                             m.gate_up.weight, m.gate_up._state.absmax, m.gate_up.bias,
                             d.weight, d._fused_state.absmax, d.bias)
-        return cls(stack)
+        native = cls(stack)
+        native.attach_lora(model)
+        return native
+
+    def attach_lora(self, model) -> None:
+        """Point the stack at every projection's LoRA slots (after `allocate_lora_slots`): it
+        keeps the tensors by reference, so adapters loaded later are seen without a call."""
+        for i, layer in enumerate(model.model.layers):
+            for j, (part, name) in enumerate(MEMBERS):
+                slots = getattr(getattr(layer, part), name).lora
+                if slots is not None:
+                    self.stack.set_lora(i, j, slots.A, slots.Bt, slots.scale, slots.bias, slots.slot_meta)
 
     @staticmethod
     def takes(attn, adapters) -> bool:
-        """A step of decode rows only (attention.py's `all_decode`), against the KV cache, with no
-        LoRA-family or embedding adapter in it (prompt / prefix tuning live in the cache)."""
+        """A step of decode rows only (attention.py's `all_decode`), against the KV cache, whose
+        LoRA rows (if any) take the runs or slab path without DoRA. Embedding LoRA is applied
+        before the layers and prompt / prefix tuning live in the cache: both are fine."""
         if not attn.all_decode or attn.capture is not None or attn.cache.pool.dtype != torch.float32:
             return False
-        return adapters is None or not (adapters.has_lora or adapters.any_embedding)
+        if adapters is None or not adapters.has_lora:
+            return True
+        return not adapters.any_dora and adapters.path in LORA_PATHS
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn,
+                 adapters=None) -> torch.Tensor:
         # x [T, hidden] -> [T, hidden] after the last layer (the cache written as the modules do)
         span = attn.decode_span or (-1, 0, 0)
         return self.stack.forward(x, cos, sin, attn.cache.pool, attn.write_index, attn.decode_table,
-                                  attn.decode_mask, *span)
+                                  attn.decode_mask, *span, *_lora_args(adapters))
+
+
+def _lora_args(ab) -> tuple:
+    """The step's AdapterBatch as the stack's LoRA arguments (see decode_stack.cpp forward)."""
+    if ab is None or not ab.has_lora:
+        return _NO_LORA
+    if ab.path == "runs":
+        return (1, torch.tensor(ab.runs, dtype=torch.long), 0, 0, 0, False, None, None, None, None)
+    sl = ab.slab
+    return (2, None, sl.lo, sl.hi, sl.width, sl.identity, sl.source, sl.cells, ab.adapter_rows,
+            ab.adapter_row_slots)
 
 
 def applicable(model) -> bool:

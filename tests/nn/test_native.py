@@ -134,9 +134,10 @@ def test_which_steps_the_native_path_takes(tmp_path):
     base_rows = AdapterBatch.build([3, 3], [1, 1], 3, lora_slots=set(), dora_slots=set(),
                                    embedding_slots=set())
     assert native.NativeDecode.takes(decode, base_rows)  # adapters without LoRA: cache-only
-    lora_rows = AdapterBatch.build([0, 3], [1, 1], 3, lora_slots={0}, dora_slots=set(),
-                                   embedding_slots=set())
-    assert not native.NativeDecode.takes(decode, lora_rows)
+    capture = AttentionBatch.with_cache(cache, seqs, [1, 1])
+    capture.capture = []  # prompt-tuning KV precompute: the modules record each layer's keys
+    capture.prepare(None)
+    assert not native.NativeDecode.takes(capture, None)
 
 
 def test_not_built_where_a_layer_is_off_the_fused_kernel():
@@ -161,3 +162,92 @@ def test_switched_off_by_the_environment(monkeypatch):
         monkeypatch.delenv(native.ENV_SWITCH)
         native.extension.cache_clear()
     assert native.extension() is not None
+
+
+# ---- LoRA rows in the C++ layers ------------------------------------------------------------
+SLOTS, MAX_RANK = 6, 8
+
+
+def with_lora(model: DecoderModel, seed: int = 0, targets: set[str] | None = None) -> dict[str, int]:
+    """Random LoRA weights in slots 0..4 of every projection (slot 5 empty): ranks differ per
+    slot and module, scales are irrational (rslora-like), slot 1 has a LoRA bias, slot 3 targets
+    only the MLP. Returns {name: slot}."""
+    g = torch.Generator().manual_seed(seed)
+    model.allocate_lora_slots(SLOTS, MAX_RANK, targets)
+    for name, lin in model.adapted_linears().items():
+        if lin.lora is None:
+            continue
+        for slot in range(5):
+            if slot == 3 and "mlp" not in name:
+                continue
+            r = 1 + (slot + len(name)) % MAX_RANK
+            lin.lora.set_slot(slot, torch.randn(r, lin.base.in_features, generator=g) * 0.2,
+                              torch.randn(lin.base.out_features, r, generator=g) * 0.2,
+                              scale=16 / (r ** 0.5) / 7,
+                              bias=torch.randn(lin.base.out_features, generator=g) if slot == 1 else None)
+    return {f"a{s}": s for s in range(5)}
+
+
+def adapter_batch(row_slots: list[int], path: str, dora: set[int] = frozenset()) -> AdapterBatch:
+    return AdapterBatch.build(row_slots, [1] * len(row_slots), SLOTS, lora_slots=set(range(5)),
+                              dora_slots=dora, force_path=path)
+
+
+def both_paths_with(model, histories, ab):
+    cache, seqs, tokens, positions = decode_state(model, histories, interleave=True)
+    twin = KVCache(model.cfg, max_tokens=4096, block_size=4, dtype=model.dtype)
+    twin.pool = cache.pool.clone()
+    ref, _ = step(model, twin, seqs, tokens, positions, use_native=False, adapters=ab)
+    got, attn = step(model, cache, seqs, tokens, positions, use_native=True, adapters=ab)
+    return ref, got, attn
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-bias"])
+@pytest.mark.parametrize("row_slots, path", [
+    ([0], "runs"),                   # one stream, one adapter
+    ([1, 1, 1], "runs"),             # one adapter over every row (a single addmm)
+    ([0, SLOTS, 2, 2, 3], "runs"),   # runs, a base row, an adapter that skips attention
+    ([0, 1, 2, 3, 4], "slab"),       # one row per slot, in order: the grid is a view of x
+    ([4, 0, SLOTS, 2, 0, 1], "slab"),  # out of order, a base row, two rows of one slot
+])
+def test_lora_rows_are_bit_identical_to_the_modules(variant, row_slots, path):
+    model = fused_model(variant)
+    with_lora(model)
+    ab = adapter_batch(row_slots, path)
+    assert ab.path == path and ab.has_lora
+    ref, got, attn = both_paths_with(model, [5 + 3 * i for i in range(len(row_slots))], ab)
+    assert native.NativeDecode.takes(attn, ab)
+    assert torch.equal(got, ref)
+    # and the adapters changed something: the stack is not reading empty slots
+    base, _, _ = both_paths_with(model, [5 + 3 * i for i in range(len(row_slots))], None)
+    assert not torch.equal(base, ref)
+
+
+def test_lora_on_some_projections_only():
+    model = fused_model("llama-gqa")
+    with_lora(model, targets={"v_proj", "down_proj"})
+    ab = adapter_batch([0, 2, 4], "slab")
+    ref, got, _ = both_paths_with(model, [7, 3, 11], ab)
+    assert torch.equal(got, ref)
+
+
+def test_dora_and_gather_steps_stay_in_python():
+    model = fused_model("llama-gqa")
+    with_lora(model)
+    cache, seqs, _, _ = decode_state(model, [4, 4], interleave=False)
+    attn = AttentionBatch.with_cache(cache, seqs, [1, 1])
+    attn.prepare(None)
+    assert not native.NativeDecode.takes(attn, adapter_batch([0, 1], "runs", dora={1}))
+    assert not native.NativeDecode.takes(attn, adapter_batch([0, 1], "gather"))
+    assert native.NativeDecode.takes(attn, adapter_batch([0, 1], "runs"))
+
+
+def test_adapters_loaded_after_the_stack_was_built_are_seen():
+    model = fused_model("llama-gqa")
+    with_lora(model)
+    ab = adapter_batch([2], "runs")
+    before, _, _ = both_paths_with(model, [9], ab)
+    lin = model.adapted_linears()["model.layers.1.mlp.up_proj"]
+    lin.lora.set_slot(2, torch.ones(2, lin.base.in_features), torch.ones(lin.base.out_features, 2), 0.5)
+    ref, got, _ = both_paths_with(model, [9], ab)
+    assert torch.equal(got, ref) and not torch.equal(got, before)

@@ -12,6 +12,9 @@
 //     h = rms_norm(x, ln2)
 //     g|u = fused4bit(h, gate_up)                       [T, 2 inter]
 //     x = x + fused4bit(silu(g) * u, down)
+//   each projection's output then gets its LoRA delta where the step has adapter rows
+//   (runtime/nn/lora.py: the "runs" and "slab" paths; DoRA and the CUDA gather path stay in
+//   Python)
 //
 // Each step mirrors runtime/nn/model.py, runtime/nn/attention.py, runtime/nn/rotary.py and
 // runtime/nn/kernels.py::fused_matmul op for op, so both paths give the same bits
@@ -19,6 +22,8 @@
 // Python hands over once (bitsandbytes' own shared library; nothing of it is linked here).
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <array>
 #include <optional>
 #include <vector>
 
@@ -37,9 +42,35 @@ struct Fused4bit {
   int64_t k = 0;
 };
 
+// runtime/nn/lora.py::LoraSlots, by reference (its tensors are updated in place on load)
+struct LoraSlots {
+  at::Tensor A;     // [S+1, R, in]
+  at::Tensor Bt;    // [S+1, R, out]
+  at::Tensor scale; // [S+1]
+  at::Tensor bias;  // [S+1, out] (pre-scaled)
+  at::Tensor meta;  // [S+1, 3] float64: rank, scale, has_bias
+  bool defined() const { return A.defined(); }
+  int64_t rank(int64_t slot) const { return static_cast<int64_t>(meta.data_ptr<double>()[3 * slot]); }
+  double scale_of(int64_t slot) const { return meta.data_ptr<double>()[3 * slot + 1]; }
+  bool has_bias(int64_t slot) const { return meta.data_ptr<double>()[3 * slot + 2] != 0.0; }
+};
+
+// Projection order within a layer (runtime/nn/native.py::MEMBERS)
+enum Member { kQ, kK, kV, kO, kGate, kUp, kDown, kMembers };
+
 struct Layer {
   at::Tensor ln1, ln2;  // [hidden]
   Fused4bit qkv, o, gate_up, down;
+  LoraSlots lora[kMembers];
+};
+
+// runtime/nn/adapter_batch.py::AdapterBatch, the parts the LoRA paths read
+struct StepAdapters {
+  int64_t path = 0;  // 0: no LoRA rows; 1: runs; 2: slab
+  std::vector<std::array<int64_t, 3>> runs;  // (slot, start, end)
+  int64_t lo = 0, hi = 0, width = 0;  // slab slot range and grid width
+  bool identity = false;
+  at::Tensor source, cells, rows, row_slots;  // slab: SlotSlab.source/cells, adapter_rows/_slots
 };
 
 Fused4bit make_fused(at::Tensor packed, at::Tensor absmax, std::optional<at::Tensor> bias,
@@ -65,12 +96,23 @@ class DecodeStack {
                  at::Tensor dn_w, at::Tensor dn_a, std::optional<at::Tensor> dn_b) {
     const int64_t hidden = ln1.size(0), q_dim = heads_ * head_dim_;
     const int64_t qkv_n = (heads_ + 2 * kv_heads_) * head_dim_;
-    layers_.push_back(Layer{
-        std::move(ln1), std::move(ln2),
-        make_fused(std::move(qkv_w), std::move(qkv_a), std::move(qkv_b), qkv_n, hidden),
-        make_fused(std::move(o_w), std::move(o_a), std::move(o_b), hidden, q_dim),
-        make_fused(std::move(gu_w), std::move(gu_a), std::move(gu_b), 2 * inter_, hidden),
-        make_fused(std::move(dn_w), std::move(dn_a), std::move(dn_b), hidden, inter_)});
+    Layer l;
+    l.ln1 = std::move(ln1);
+    l.ln2 = std::move(ln2);
+    l.qkv = make_fused(std::move(qkv_w), std::move(qkv_a), std::move(qkv_b), qkv_n, hidden);
+    l.o = make_fused(std::move(o_w), std::move(o_a), std::move(o_b), hidden, q_dim);
+    l.gate_up = make_fused(std::move(gu_w), std::move(gu_a), std::move(gu_b), 2 * inter_, hidden);
+    l.down = make_fused(std::move(dn_w), std::move(dn_a), std::move(dn_b), hidden, inter_);
+    layers_.push_back(std::move(l));
+  }
+
+  // One projection's LoRA slots (member: the Member order); kept by reference.
+  void set_lora(int64_t layer, int64_t member, at::Tensor A, at::Tensor Bt, at::Tensor scale,
+                at::Tensor bias, at::Tensor meta) {
+    TORCH_CHECK(layer >= 0 && layer < num_layers() && member >= 0 && member < kMembers, "bad LoRA index");
+    TORCH_CHECK(meta.scalar_type() == at::kDouble && meta.is_contiguous(), "slot_meta must be float64");
+    layers_[layer].lora[member] = LoraSlots{std::move(A), std::move(Bt), std::move(scale),
+                                            std::move(bias), std::move(meta)};
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -78,21 +120,41 @@ class DecodeStack {
   // x [T, hidden], cos/sin [T, 1, hd] (Rotary.cos_sin), pool [L, 2, blocks, bs, Hkv, hd],
   // write_index [T]. Keys: either one row's consecutive blocks (span_block >= 0: keys
   // span_lo..span_hi-1 from that block, read as a view) or a block table [T, nb] with its
-  // mask [T, 1, 1, nb*bs]. Returns x after the last layer.
+  // mask [T, 1, 1, nb*bs]. Adapters: lora_path 0 (none), 1 (runs [n, 3]: slot, start, end) or
+  // 2 (slab: slots lo..hi-1, grid width, identity, source, cells, adapter rows and their slots).
+  // Returns x after the last layer.
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
                      const at::Tensor& pool, const at::Tensor& write_index,
                      const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask,
-                     int64_t span_block, int64_t span_lo, int64_t span_hi) const {
+                     int64_t span_block, int64_t span_lo, int64_t span_hi,
+                     int64_t lora_path, const std::optional<at::Tensor>& runs,
+                     int64_t slab_lo, int64_t slab_hi, int64_t slab_width, bool slab_identity,
+                     const std::optional<at::Tensor>& slab_source,
+                     const std::optional<at::Tensor>& slab_cells,
+                     const std::optional<at::Tensor>& rows,
+                     const std::optional<at::Tensor>& row_slots) const {
     at::NoGradGuard no_grad;
+    StepAdapters ad;
+    ad.path = lora_path;
+    if (lora_path == 1) {
+      const at::Tensor r = runs->contiguous();
+      const int64_t* p = r.data_ptr<int64_t>();
+      for (int64_t i = 0; i < r.size(0); ++i) ad.runs.push_back({p[3 * i], p[3 * i + 1], p[3 * i + 2]});
+    } else if (lora_path == 2) {
+      ad.lo = slab_lo, ad.hi = slab_hi, ad.width = slab_width, ad.identity = slab_identity;
+      ad.source = *slab_source, ad.cells = *slab_cells, ad.rows = *rows, ad.row_slots = *row_slots;
+    }
     for (int64_t i = 0; i < num_layers(); ++i) {
       const Layer& l = layers_[i];
       at::Tensor h = at::rms_norm(x, {x.size(1)}, l.ln1, eps_);
       at::Tensor o = attention(h, l, i, cos, sin, pool, write_index, table, mask, span_block,
-                               span_lo, span_hi);
-      x = x + matmul(o, l.o);
+                               span_lo, span_hi, ad);
+      x = x + adapt(o, matmul(o, l.o), l.lora[kO], ad);
       h = at::rms_norm(x, {x.size(1)}, l.ln2, eps_);
       std::vector<at::Tensor> gu = matmul(h, l.gate_up).split({inter_, inter_}, -1);
-      x = x + matmul(at::silu(gu[0]) * gu[1], l.down);
+      at::Tensor g = adapt(h, gu[0], l.lora[kGate], ad), u = adapt(h, gu[1], l.lora[kUp], ad);
+      at::Tensor a = at::silu(g) * u;
+      x = x + adapt(a, matmul(a, l.down), l.lora[kDown], ad);
     }
     return x;
   }
@@ -108,6 +170,51 @@ class DecodeStack {
     return w.bias ? y + w.bias->to(y.scalar_type()) : y;
   }
 
+  // AdaptedLinear.adapt: y = base(x) [T, out] -> y + this projection's LoRA delta
+  at::Tensor adapt(const at::Tensor& x, at::Tensor y, const LoraSlots& m, const StepAdapters& ad) const {
+    if (ad.path == 0 || !m.defined()) return y;
+    return ad.path == 1 ? add_runs(m, x, std::move(y), ad) : add_slab(m, x, std::move(y), ad);
+  }
+
+  // lora.py::_add_runs: one addmm per run of same-slot rows, on views
+  at::Tensor add_runs(const LoraSlots& m, const at::Tensor& x, at::Tensor y, const StepAdapters& ad) const {
+    std::vector<std::array<int64_t, 3>> runs;
+    for (const auto& r : ad.runs)
+      if (m.rank(r[0])) runs.push_back(r);  // the slots this projection targets
+    if (runs.size() == 1 && runs[0][1] == 0 && runs[0][2] == x.size(0)) {  // one adapter, every row
+      const int64_t slot = runs[0][0], r = m.rank(slot);
+      at::Tensor At = m.A.select(0, slot).slice(0, 0, r).t(), Bt = m.Bt.select(0, slot).slice(0, 0, r);
+      at::Tensor out = at::addmm(y, x.mm(At), Bt, 1, m.scale_of(slot));
+      return m.has_bias(slot) ? out + m.bias.select(0, slot) : out;
+    }
+    y = y.clone();
+    for (const auto& [slot, a, b] : runs) {
+      const int64_t r = m.rank(slot);
+      at::Tensor At = m.A.select(0, slot).slice(0, 0, r).t(), Bt = m.Bt.select(0, slot).slice(0, 0, r);
+      at::Tensor rows = y.slice(0, a, b);
+      rows.addmm_(x.slice(0, a, b).mm(At), Bt, 1, m.scale_of(slot));
+      if (m.has_bias(slot)) rows += m.bias.select(0, slot);
+    }
+    return y;
+  }
+
+  // lora.py::_delta_slab, then LoraSlots.forward's add: two bmm over the slab's slot range
+  at::Tensor add_slab(const LoraSlots& m, const at::Tensor& x, at::Tensor y, const StepAdapters& ad) const {
+    int64_t r = 0;
+    bool any_bias = false;
+    for (int64_t s = ad.lo; s < ad.hi; ++s) r = std::max(r, m.rank(s)), any_bias |= m.has_bias(s);
+    if (r == 0) return y;
+    const int64_t G = ad.hi - ad.lo, N = ad.width;
+    at::Tensor xs = ad.identity ? x.view({G, N, -1})  // [G, N, in]
+                                : at::pad(x, {0, 0, 0, 1}).index({ad.source}).view({G, N, -1});
+    at::Tensor xa = at::bmm(xs, m.A.slice(0, ad.lo, ad.hi).slice(1, 0, r).transpose(1, 2));  // [G, N, r]
+    xa = xa * m.scale.slice(0, ad.lo, ad.hi).view({-1, 1, 1});
+    at::Tensor d = at::bmm(xa, m.Bt.slice(0, ad.lo, ad.hi).slice(1, 0, r)).view({G * N, -1});
+    if (!ad.identity) d = d.index({ad.cells});  // [n, out]
+    if (any_bias) d = d + m.bias.index({ad.row_slots});
+    return ad.identity ? y + d : y.index_add(0, ad.rows, d);
+  }
+
   // runtime/nn/rotary.py::rotate: x [T, heads, hd]
   at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const {
     return at::addcmul(x * cos, x.roll({head_dim_ / 2}, {-1}), sin);
@@ -117,12 +224,13 @@ class DecodeStack {
   at::Tensor attention(const at::Tensor& h, const Layer& l, int64_t layer, const at::Tensor& cos,
                        const at::Tensor& sin, const at::Tensor& pool, const at::Tensor& write_index,
                        const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask,
-                       int64_t span_block, int64_t span_lo, int64_t span_hi) const {
+                       int64_t span_block, int64_t span_lo, int64_t span_hi,
+                       const StepAdapters& ad) const {
     const int64_t T = h.size(0), q_dim = heads_ * head_dim_, kv_dim = kv_heads_ * head_dim_;
     std::vector<at::Tensor> qkv = matmul(h, l.qkv).split({q_dim, kv_dim, kv_dim}, -1);
-    at::Tensor q = rotate(qkv[0].view({T, heads_, head_dim_}), cos, sin);
-    at::Tensor k = rotate(qkv[1].view({T, kv_heads_, head_dim_}), cos, sin);
-    at::Tensor v = qkv[2].view({T, kv_heads_, head_dim_});
+    at::Tensor q = rotate(adapt(h, qkv[0], l.lora[kQ], ad).view({T, heads_, head_dim_}), cos, sin);
+    at::Tensor k = rotate(adapt(h, qkv[1], l.lora[kK], ad).view({T, kv_heads_, head_dim_}), cos, sin);
+    at::Tensor v = adapt(h, qkv[2], l.lora[kV], ad).view({T, kv_heads_, head_dim_});
     // KVCache.write
     at::Tensor flat = pool.select(0, layer).view({2, -1, kv_heads_, head_dim_});
     flat.select(0, 0).index_copy_(0, write_index, k.to(pool.scalar_type()));
@@ -164,6 +272,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t>())
       .def("add_layer", &DecodeStack::add_layer)
+      .def("set_lora", &DecodeStack::set_lora)
       .def("num_layers", &DecodeStack::num_layers)
       .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
