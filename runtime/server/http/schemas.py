@@ -103,6 +103,8 @@ def parse_body(model: type[_Strict], raw: bytes) -> Any:
     """raw JSON -> model instance; InvalidParams (400) naming the first bad field otherwise."""
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise InvalidParams("body", "is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidParams("body", f"is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -115,15 +117,20 @@ def parse_body(model: type[_Strict], raw: bytes) -> Any:
 
 
 def refuse_unsupported(data: dict) -> None:
+    """InvalidParams for an unsupported field set to something; neutral ones are dropped."""
     for name, neutral in UNSUPPORTED.items():
-        if name in data and data[name] not in neutral:
+        if name not in data:
+            continue
+        if data[name] not in neutral:
             raise InvalidParams(name, "is not supported by this server (Quiver serves text "
                                       "generation only); remove it")
+        del data[name]
 
 
 def invalid_from(error: ValidationError) -> InvalidParams:
     """pydantic's first error as InvalidParams, the field path spelt `messages[0].content`."""
-    first = error.errors()[0]
+    # the deepest error: for a union, the branch that got furthest says what is wrong
+    first = max(error.errors(), key=lambda e: len(e["loc"]))
     # a union's branch names ("str", "list[int]", "TextPart") are not fields: leave them out
     loc = first["loc"]
     parts = [p for p in loc if isinstance(p, int) or p in _FIELD_NAMES]
