@@ -58,8 +58,7 @@ class HttpServer:
     def __init__(self, core: Core, base_id: str, draining, port: int):
         cfg = core.cfg
         self._pool = ThreadPoolExecutor(max_workers=2 * cfg.grpc_workers, thread_name_prefix="quiver-http")
-        self._metrics_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="quiver-http-metrics")
-        self.ctx = HttpContext(core, base_id, self._pool, self._metrics_pool, cfg.max_message_bytes,
+        self.ctx = HttpContext(core, base_id, self._pool, cfg.max_message_bytes,
                                draining, int(time.time()))
         self.host, self.requested_port = cfg.host, port
         self.port: int | None = None
@@ -91,4 +90,3 @@ class HttpServer:
         if self._thread is not None:
             self._thread.join(STOP_GRACE_S + 5)
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._metrics_pool.shutdown(wait=False)
