@@ -9,9 +9,11 @@ attention itself is per row:
         K, V = cache rows [0, kv_len) of that sequence (prefix + earlier + these tokens)
         out[row] = softmax(Q[row] K^T / sqrt(hd) + causal_mask(offset=kv_len - q_len)) V
 
-Decode rows are batched into one call (keys padded to the longest, padding masked; one row too,
-so its block table and mask are made once per step); prefill rows
-loop (`attend_reference` is the plain per-row loop for everything, used by tests).
+Decode rows are batched into one call: on CPU (fp32 cache) the paged kernel of
+csrc/paged_attention.cpp, which reads each row's keys in place through its block table; else
+SDPA over keys gathered and padded to the longest, padding masked (one row too, so its block
+table and mask are made once per step). Prefill rows loop over SDPA with a causal mask
+(`attend_reference` is the plain per-row loop for everything, used by tests).
 
 Without a cache (training, references) each row attends to its own tokens, plus an optional
 per-row prefix (prefix tuning) placed before them.
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.nn.kv_cache import KVCache, SeqCache
+from runtime.nn.native import paged_attention
 
 
 @dataclass
@@ -47,7 +50,11 @@ class AttentionBatch:
     decode_rows: list[int] = field(default_factory=list)  # indices into rows
     decode_tokens: torch.Tensor | None = None  # [Bd] packed token index of each decode row
     decode_table: torch.Tensor | None = None  # [Bd, nb] block ids, padded with 0
-    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, nb*bs] True = attend
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, nb*bs] True = attend (SDPA path)
+    #: paged kernel (native.py): row j reads keys decode_los[j]..decode_lens[j]-1 in place,
+    #: through its block table: no gather copy, no mask
+    decode_lens: torch.Tensor | None = None  # [Bd] kv_len
+    decode_los: torch.Tensor | None = None  # [Bd] first visible key (sliding window)
     #: one decode row whose blocks are consecutive in the pool (a lone stream usually has them:
     #: the cache hands out the lowest free block): (first block, first key, kv_len); its keys
     #: are then read as a view of the pool, no gather copy (which grows with the context)
@@ -107,6 +114,9 @@ class AttentionBatch:
         self.decode_rows = dec
         self.decode_tokens = torch.tensor([self.rows[i].q_start for i in dec])
         self.all_decode = len(dec) == len(self.rows)  # then row i is token i (q_len 1 each)
+        if paged_attention(self.cache) is not None:
+            self._page_decode_rows(dec)
+            return
         blocks = self.rows[dec[0]].seq.blocks
         if len(dec) == 1 and blocks == list(range(blocks[0], blocks[0] + len(blocks))):
             row = self.rows[dec[0]]
@@ -124,6 +134,14 @@ class AttentionBatch:
             mask[j, 0, 0, lo: row.kv_len] = True
         self.decode_table = table.to(self.cache.device)
         self.decode_mask = mask.to(self.cache.device)
+
+    def _page_decode_rows(self, dec: list[int]) -> None:
+        rows = [self.rows[i] for i in dec]
+        nb = max(len(r.seq.blocks) for r in rows)
+        self.decode_table = torch.tensor([r.seq.blocks + [0] * (nb - len(r.seq.blocks)) for r in rows])
+        self.decode_lens = torch.tensor([r.kv_len for r in rows])
+        w = self.sliding_window
+        self.decode_los = torch.tensor([0 if w is None else max(0, r.kv_len - w) for r in rows])
 
     def commit(self) -> None:
         """Advance each sequence past the tokens this step wrote."""
@@ -179,6 +197,9 @@ def attend(batch: AttentionBatch, layer: int, q: torch.Tensor, k: torch.Tensor, 
 
 def _attend_decode_group(batch: AttentionBatch, layer: int, qd: torch.Tensor) -> torch.Tensor:
     """The decode rows' queries qd [Bd, H, hd] against their cached keys -> [Bd, H, hd]."""
+    if batch.decode_lens is not None:  # the paged kernel reads the pool in place (native.py)
+        return paged_attention(batch.cache)(qd, batch.cache.pool, layer, batch.decode_table,
+                                            batch.decode_lens, batch.decode_los)
     if batch.decode_span is not None:  # one row, consecutive blocks: its keys as a view
         b0, lo, hi = batch.decode_span
         kd, vd = batch.cache.span(layer, b0, lo, hi)  # [1, H_kv, hi - lo, hd]

@@ -25,7 +25,7 @@ from runtime.nn.attention import AttentionBatch, attend
 from runtime.nn.groups import ProjectionGroup
 from runtime.nn.lm_head import LmHead
 from runtime.nn.lora import LoraSlots
-from runtime.nn.native import NativeDecode
+from runtime.nn.native import NativeDecode, rms_norm_kernel
 from runtime.nn.quant import make_base_linear
 from runtime.nn.rotary import Rotary, rotate
 
@@ -38,7 +38,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
+            kernel = rms_norm_kernel() if x.device.type == "cpu" else None
+            if kernel is not None and not (torch.is_grad_enabled() and x.requires_grad):
+                return kernel(x, self.weight, self.eps)  # one pass in C++ (csrc/elementwise.cpp)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # autograd, CUDA
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

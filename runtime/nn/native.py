@@ -32,7 +32,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_stack.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / f for f in ("decode_stack.cpp", "paged_attention.cpp",
+                                                              "elementwise.cpp")]
+#: built where it runs, so for this CPU; -fopenmp-simd lets the attention loops vectorize
+CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
 #: a layer's projections in the C++ stack's order (its `Member` enum)
 MEMBERS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
            ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
@@ -60,8 +63,8 @@ def extension():
 
         out = build_directory()
         out.mkdir(parents=True, exist_ok=True)
-        return load("quiver_native", [str(SOURCE)], extra_cflags=["-O2"], build_directory=str(out),
-                    verbose=False)
+        return load("quiver_native", [str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                    build_directory=str(out), verbose=False)
     except Exception as e:  # no compiler, no ninja, headers missing: the Python path serves
         log.warning("native decode path unavailable (%s: %s); decode steps run the Python modules",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -118,8 +121,8 @@ class NativeDecode:
         """A step of decode rows only (attention.py's `all_decode`), against the KV cache, whose
         LoRA rows (if any) take the runs or slab path without DoRA. Embedding LoRA is applied
         before the layers and prompt / prefix tuning live in the cache: both are fine."""
-        if not attn.all_decode or attn.capture is not None or attn.cache.pool.dtype != torch.float32:
-            return False
+        if not attn.all_decode or attn.capture is not None or attn.decode_lens is None:
+            return False  # decode_lens: the paged attention metadata (fp32 CPU cache)
         if adapters is None or not adapters.has_lora:
             return True
         return not adapters.any_dora and adapters.path in LORA_PATHS
@@ -127,9 +130,8 @@ class NativeDecode:
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn,
                  adapters=None) -> torch.Tensor:
         # x [T, hidden] -> [T, hidden] after the last layer (the cache written as the modules do)
-        span = attn.decode_span or (-1, 0, 0)
         return self.stack.forward(x, cos, sin, attn.cache.pool, attn.write_index, attn.decode_table,
-                                  attn.decode_mask, *span, *_lora_args(adapters))
+                                  attn.decode_lens, attn.decode_los, *_lora_args(adapters))
 
 
 def _lora_args(ab) -> tuple:
@@ -141,6 +143,21 @@ def _lora_args(ab) -> tuple:
     sl = ab.slab
     return (2, None, sl.lo, sl.hi, sl.width, sl.identity, sl.source, sl.cells, ab.adapter_rows,
             ab.adapter_row_slots)
+
+
+def paged_attention(cache):
+    """csrc/paged_attention.cpp's kernel for decode rows over `cache`, or None where it does not
+    apply (not a CPU fp32 pool, or no extension): then SDPA over gathered keys (attention.py)."""
+    if cache is None or cache.device.type != "cpu" or cache.dtype != torch.float32:
+        return None
+    ext = extension()
+    return None if ext is None else ext.paged_decode_attention
+
+
+def rms_norm_kernel():
+    """csrc/elementwise.cpp's one-pass fp32 RMSNorm (CPU), or None without the extension."""
+    ext = extension()
+    return None if ext is None else ext.rms_norm
 
 
 def applicable(model) -> bool:

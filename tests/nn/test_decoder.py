@@ -197,9 +197,13 @@ def test_gradients_flow_through_frozen_nf4():
 def test_lone_decode_row_reads_its_keys_in_place(variant, scatter, monkeypatch):
     """One sequence decoding alone: consecutive blocks are read as a view of the pool (the span
     path); blocks with a hole (another sequence's freed block) take the gather path. Both equal
-    the explicit per-row loop, with and without a sliding window (8) shorter than the context."""
+    the explicit per-row loop, with and without a sliding window (8) shorter than the context.
+    This is the SDPA route (no C++ extension, or a bf16 / CUDA cache): the paged kernel, which
+    reads every row in place, is held to the same loop in tests/nn/test_paged_attention.py."""
+    import runtime.nn.attention as attention_mod
     import runtime.nn.model as model_mod
 
+    monkeypatch.setattr(attention_mod, "paged_attention", lambda cache: None)
     model = build(make_hf_model(variant))
     prompt = [torch.randint(0, 101, (13,), generator=torch.Generator().manual_seed(4))]
     cache = KVCache(model.cfg, max_tokens=512, block_size=4)

@@ -25,3 +25,35 @@ def test_fused_rms_norm_equals_hf_formulation():
     norm = RMSNorm(torch.randn(64), eps=1e-5)
     x = torch.randn(7, 64) * 3
     assert (norm(x) - norm.reference_forward(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (7, 64), (64, 576), (3, 5, 100), (2, 1)])
+def test_one_pass_rms_norm_equals_hf_formulation_and_the_aten_op(shape):
+    from runtime.nn import native
+    from runtime.nn.model import RMSNorm
+
+    kernel = native.rms_norm_kernel()
+    if kernel is None:
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(sum(shape))
+    norm = RMSNorm(torch.randn(shape[-1], generator=g), eps=1e-5)
+    x = torch.randn(*shape, generator=g) * 3
+    got = norm(x)  # no grad needed: the C++ pass
+    torch.testing.assert_close(got, norm.reference_forward(x), atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(got, torch.nn.functional.rms_norm(x, (shape[-1],), norm.weight, 1e-5),
+                               atol=2e-6, rtol=2e-6)
+    assert torch.equal(got, kernel(x, norm.weight, 1e-5))
+    # a row of zeros stays zero (eps keeps the scale finite)
+    z = torch.zeros(2, shape[-1])
+    assert torch.equal(norm(z), torch.zeros_like(z))
+
+
+def test_rms_norm_with_gradients_takes_autograd():
+    from runtime.nn.model import RMSNorm
+
+    norm = RMSNorm(torch.randn(32), eps=1e-6)
+    x = torch.randn(4, 32, requires_grad=True)
+    y = norm(x)
+    assert y.grad_fn is not None  # training (prompt tuning) differentiates through the norm
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

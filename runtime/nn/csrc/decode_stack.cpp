@@ -3,11 +3,11 @@
 //
 //   x [T, hidden] fp32 (T decode rows, one token each)
 //   per layer:
-//     h = rms_norm(x, ln1)                              [T, hidden]
+//     h = rms_norm(x, ln1)                              [T, hidden]  (csrc/elementwise.cpp)
 //     q|k|v = fused4bit(h, qkv) (+ bias)                [T, (H + 2 Hkv) hd]   (bf16 inside)
 //     q, k = rotate(q, cos, sin), rotate(k, cos, sin)   [T, H, hd], [T, Hkv, hd]
 //     cache[layer] rows write_index <- k, v
-//     o = sdpa(q, cached keys / values)                 [T, H, hd]
+//     o = paged attention over the cache               [T, H, hd]  (csrc/paged_attention.cpp)
 //     x = x + fused4bit(o, o_proj)
 //     h = rms_norm(x, ln2)
 //     g|u = fused4bit(h, gate_up)                       [T, 2 inter]
@@ -26,6 +26,15 @@
 #include <array>
 #include <optional>
 #include <vector>
+
+namespace quiver {
+// csrc/paged_attention.cpp
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool, int64_t layer,
+                                  const at::Tensor& table, const at::Tensor& lens,
+                                  const at::Tensor& los);
+// csrc/elementwise.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+}  // namespace quiver
 
 namespace {
 
@@ -118,15 +127,13 @@ class DecodeStack {
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
   // x [T, hidden], cos/sin [T, 1, hd] (Rotary.cos_sin), pool [L, 2, blocks, bs, Hkv, hd],
-  // write_index [T]. Keys: either one row's consecutive blocks (span_block >= 0: keys
-  // span_lo..span_hi-1 from that block, read as a view) or a block table [T, nb] with its
-  // mask [T, 1, 1, nb*bs]. Adapters: lora_path 0 (none), 1 (runs [n, 3]: slot, start, end) or
+  // write_index [T]. Keys: row b reads keys los[b]..lens[b]-1 through its block table [T, nb]
+  // (attention.py's decode group, paged). Adapters: lora_path 0 (none), 1 (runs [n, 3]: slot, start, end) or
   // 2 (slab: slots lo..hi-1, grid width, identity, source, cells, adapter rows and their slots).
   // Returns x after the last layer.
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
                      const at::Tensor& pool, const at::Tensor& write_index,
-                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask,
-                     int64_t span_block, int64_t span_lo, int64_t span_hi,
+                     const at::Tensor& table, const at::Tensor& lens, const at::Tensor& los,
                      int64_t lora_path, const std::optional<at::Tensor>& runs,
                      int64_t slab_lo, int64_t slab_hi, int64_t slab_width, bool slab_identity,
                      const std::optional<at::Tensor>& slab_source,
@@ -146,11 +153,10 @@ class DecodeStack {
     }
     for (int64_t i = 0; i < num_layers(); ++i) {
       const Layer& l = layers_[i];
-      at::Tensor h = at::rms_norm(x, {x.size(1)}, l.ln1, eps_);
-      at::Tensor o = attention(h, l, i, cos, sin, pool, write_index, table, mask, span_block,
-                               span_lo, span_hi, ad);
+      at::Tensor h = quiver::rms_norm(x, l.ln1, eps_);
+      at::Tensor o = attention(h, l, i, cos, sin, pool, write_index, table, lens, los, ad);
       x = x + adapt(o, matmul(o, l.o), l.lora[kO], ad);
-      h = at::rms_norm(x, {x.size(1)}, l.ln2, eps_);
+      h = quiver::rms_norm(x, l.ln2, eps_);
       std::vector<at::Tensor> gu = matmul(h, l.gate_up).split({inter_, inter_}, -1);
       at::Tensor g = adapt(h, gu[0], l.lora[kGate], ad), u = adapt(h, gu[1], l.lora[kUp], ad);
       at::Tensor a = at::silu(g) * u;
@@ -223,8 +229,7 @@ class DecodeStack {
   // Attention.forward up to o_proj's input: h [T, hidden] -> [T, H * hd]
   at::Tensor attention(const at::Tensor& h, const Layer& l, int64_t layer, const at::Tensor& cos,
                        const at::Tensor& sin, const at::Tensor& pool, const at::Tensor& write_index,
-                       const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& mask,
-                       int64_t span_block, int64_t span_lo, int64_t span_hi,
+                       const at::Tensor& table, const at::Tensor& lens, const at::Tensor& los,
                        const StepAdapters& ad) const {
     const int64_t T = h.size(0), q_dim = heads_ * head_dim_, kv_dim = kv_heads_ * head_dim_;
     std::vector<at::Tensor> qkv = matmul(h, l.qkv).split({q_dim, kv_dim, kv_dim}, -1);
@@ -235,28 +240,8 @@ class DecodeStack {
     at::Tensor flat = pool.select(0, layer).view({2, -1, kv_heads_, head_dim_});
     flat.select(0, 0).index_copy_(0, write_index, k.to(pool.scalar_type()));
     flat.select(0, 1).index_copy_(0, write_index, v.to(pool.scalar_type()));
-    // attention.py::_attend_decode_group
-    at::Tensor kd, vd;
-    std::optional<at::Tensor> attn_mask;
-    const int64_t bs = pool.size(3);
-    if (span_block >= 0) {  // KVCache.span: one row's keys as a view of the pool
-      const int64_t nb = (span_hi + bs - 1) / bs;
-      at::Tensor kv = pool.select(0, layer).slice(1, span_block, span_block + nb);
-      kv = kv.reshape({2, nb * bs, kv_heads_, head_dim_}).slice(1, span_lo, span_hi).transpose(1, 2);
-      kd = kv.select(0, 0).unsqueeze(0);
-      vd = kv.select(0, 1).unsqueeze(0);
-    } else {  // KVCache.gather over the block table
-      const int64_t B = table->size(0), nb = table->size(1);
-      at::Tensor kv = pool.select(0, layer).index({at::indexing::Slice(), *table});
-      kv = kv.reshape({2, B, nb * bs, kv_heads_, head_dim_}).transpose(2, 3);
-      kd = kv.select(0, 0);
-      vd = kv.select(0, 1);
-      attn_mask = mask;
-    }
-    at::Tensor od = at::scaled_dot_product_attention(
-        q.unsqueeze(2), kd.to(q.scalar_type()), vd.to(q.scalar_type()), attn_mask, 0.0, false,
-        std::nullopt, kv_heads_ != heads_);  // [T, H, 1, hd]
-    return od.select(2, 0).reshape({T, q_dim});
+    // attention.py::_attend_decode_group, paged
+    return quiver::paged_decode_attention(q, pool, layer, table, lens, los).view({T, q_dim});
   }
 
   int64_t heads_, kv_heads_, head_dim_, inter_;
@@ -275,4 +260,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_lora", &DecodeStack::set_lora)
       .def("num_layers", &DecodeStack::num_layers)
       .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("paged_decode_attention", &quiver::paged_decode_attention,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rms_norm", &quiver::rms_norm, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -1,0 +1,153 @@
+// Decode attention straight over the paged KV cache: no gather, no padding, no mask tensor.
+//
+//   q [B, H, hd] (one query per row, rotated), cache pool [L, 2, blocks, bs, Hkv, hd]
+//   row b sees keys lo[b] .. len[b]-1, key i at pool[layer, 0, table[b, i / bs], i % bs]
+//   out[b, h] = softmax_i(q[b, h] . k_i / sqrt(hd)) @ v_i       (head h reads kv head h / (H/Hkv))
+//
+// The reference is runtime/nn/attention.py::attend_reference (explicit softmax per row), and
+// SDPA over the gathered keys is what the Python path ran before (tests/nn/test_native.py).
+// Work is split over (row, kv head) pairs; each pair's query heads share one read of the keys.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace quiver {
+namespace {
+
+constexpr int64_t kTile = 4;  // keys per step of the vector loops
+
+#if defined(__AVX512F__)
+// Four sums of 16-lane vectors -> one 4-lane vector [sum(a0), sum(a1), sum(a2), sum(a3)].
+inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  auto half = [](__m512 a) {  // 16 -> 8 lanes
+    return _mm256_add_ps(_mm512_castps512_ps256(a),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  };
+  __m256 e = _mm256_hadd_ps(_mm256_hadd_ps(half(a0), half(a1)), _mm256_hadd_ps(half(a2), half(a3)));
+  return _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps(e, 1));
+}
+#endif
+
+// s[0..3] = q . k[j] for four keys (hd % 16 == 0 on the vector path)
+inline void dot4(const float* q, const float* const k[kTile], int64_t hd, float* s) {
+#if defined(__AVX512F__)
+  if (hd % 16 == 0) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < hd; d += 16) {
+      const __m512 qv = _mm512_loadu_ps(q + d);
+      a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[0] + d), a0);
+      a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[1] + d), a1);
+      a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[2] + d), a2);
+      a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[3] + d), a3);
+    }
+    _mm_storeu_ps(s, reduce4(a0, a1, a2, a3));
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < kTile; ++j) {
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < hd; ++d) dot += q[d] * k[j][d];
+    s[j] = dot;
+  }
+}
+
+// a += p[0] v[0] + p[1] v[1] + p[2] v[2] + p[3] v[3] over hd lanes (one load/store of a)
+inline void axpy4(float* a, const float p[kTile], const float* const v[kTile], int64_t hd) {
+#pragma omp simd
+  for (int64_t d = 0; d < hd; ++d) a[d] += p[0] * v[0][d] + p[1] * v[1][d] + p[2] * v[2][d] + p[3] * v[3][d];
+}
+
+}  // namespace
+
+at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& pool, int64_t layer,
+                                  const at::Tensor& table_, const at::Tensor& lens_,
+                                  const at::Tensor& los_) {
+  TORCH_CHECK(q_.scalar_type() == at::kFloat && pool.scalar_type() == at::kFloat,
+              "paged attention runs in fp32");
+  TORCH_CHECK(pool.is_contiguous(), "the KV pool must be contiguous");
+  const at::Tensor q = q_.contiguous();
+  const at::Tensor table = table_.to(at::kLong).contiguous();
+  const at::Tensor lens = lens_.to(at::kLong).contiguous(), los = los_.to(at::kLong).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
+  const int64_t blocks = pool.size(2), bs = pool.size(3), Hkv = pool.size(4);
+  TORCH_CHECK(pool.size(5) == hd && H % Hkv == 0, "q and the cache disagree on heads");
+  const int64_t group = H / Hkv, nb = table.size(1);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  for (int64_t b = 0; b < B; ++b) {  // checked here: an error inside parallel_for is a worker's
+    const int64_t lo = los.data_ptr<int64_t>()[b], len = lens.data_ptr<int64_t>()[b];
+    TORCH_CHECK(0 <= lo && lo < len && (len + bs - 1) / bs <= nb, "row ", b,
+                " sees keys ", lo, "..", len, " over ", nb, " blocks of ", bs);
+    for (int64_t j = lo / bs; j < (len + bs - 1) / bs; ++j) {
+      const int64_t block = table.data_ptr<int64_t>()[b * nb + j];
+      TORCH_CHECK(0 <= block && block < blocks, "row ", b, " names block ", block, " of ", blocks);
+    }
+  }
+  at::Tensor out = at::empty_like(q);
+
+  const float* qp = q.data_ptr<float>();
+  const float* kbase = pool.data_ptr<float>() + layer * 2 * blocks * bs * Hkv * hd;
+  const float* vbase = kbase + blocks * bs * Hkv * hd;
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* lop = los.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t row_stride = Hkv * hd;  // between consecutive token rows of one block
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<float> acc(group * hd);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, g = task % Hkv;
+      const int64_t lo = lop[b], n = lp[b] - lo;
+      scores.assign(group * n, 0.0f);
+      const float* qg = qp + (b * H + g * group) * hd;  // this kv head's query heads
+      auto key_row = [&](const float* base, int64_t i) {  // key / value i of this row and kv head
+        const int64_t pos = lo + i;
+        return base + (tp[b * nb + pos / bs] * bs + pos % bs) * row_stride + g * hd;
+      };
+      const float* k[kTile];
+      const float* v[kTile];
+      for (int64_t i = 0; i < n; i += kTile) {  // scores: each key read once for the whole group
+        const int64_t m = std::min(kTile, n - i);
+        for (int64_t j = 0; j < kTile; ++j) k[j] = key_row(kbase, i + std::min(j, m - 1));
+        float s4[kTile];
+        for (int64_t h = 0; h < group; ++h) {
+          dot4(qg + h * hd, k, hd, s4);
+          for (int64_t j = 0; j < m; ++j) scores[h * n + i + j] = s4[j] * scale;
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) {  // softmax per query head
+        float* s = scores.data() + h * n;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < n; ++i) mx = std::max(mx, s[i]);
+        float sum = 0.0f;
+        for (int64_t i = 0; i < n; ++i) sum += (s[i] = std::exp(s[i] - mx));
+        const float inv = 1.0f / sum;
+        for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t i = 0; i < n; i += kTile) {  // out = p @ V, each value row read once
+        const int64_t m = std::min(kTile, n - i);
+        for (int64_t j = 0; j < kTile; ++j) v[j] = key_row(vbase, i + std::min(j, m - 1));
+        for (int64_t h = 0; h < group; ++h) {
+          float p4[kTile] = {0.0f, 0.0f, 0.0f, 0.0f};  // a short tile repeats its last row at p 0
+          for (int64_t j = 0; j < m; ++j) p4[j] = scores[h * n + i + j];
+          axpy4(acc.data() + h * hd, p4, v, hd);
+        }
+      }
+      std::copy(acc.begin(), acc.end(), op + (b * H + g * group) * hd);
+    }
+  });
+  return out;
+}
+
+}  // namespace quiver
