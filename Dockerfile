@@ -1,7 +1,8 @@
-# Quiver on an NVIDIA GPU: `quiver serve` on 0.0.0.0:8033 (gRPC), metrics on :9090.
+# Quiver on an NVIDIA GPU: `quiver serve` on 0.0.0.0:8033 (gRPC), :8000 (OpenAI HTTP API, /health,
+# /metrics), metrics also on :9090.
 #
 #   docker build -t quiver .
-#   docker run --gpus all -p 8033:8033 -p 9090:9090 -v $PWD/adapters:/adapters \
+#   docker run --gpus all -p 8033:8033 -p 8000:8000 -p 9090:9090 -v $PWD/adapters:/adapters \
 #       -e QUIVER_ADMIN_TOKEN="$(cat admin.token)" quiver \
 #       quiver serve --host 0.0.0.0 --adapter-dir /adapters
 #
@@ -44,7 +45,7 @@ WORKDIR /
 RUN python -c "from runtime.models.embedded import embedded_model_dir; print(embedded_model_dir())" \
  && rm -rf /src
 
-EXPOSE 8033 9090
+EXPOSE 8033 8000 9090
 # tini forwards SIGTERM to quiver, which drains in-flight requests (--grace-period) and exits 0.
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["quiver", "serve", "--host", "0.0.0.0"]

@@ -129,7 +129,8 @@ def start_server(model_dir: Path, adapter_dir: Path, device: str, slots: int, st
     port = free_port(PORTS)
     cmd = [sys.executable, "-m", "runtime.cli", "serve", "--model", str(model_dir), "--device", device,
            "--adapter-dir", str(adapter_dir), "--max-device-adapters", str(slots),
-           "--max-running", str(max(64, streams)), "--port", str(port), "--metrics-port", "-1"]
+           "--max-running", str(max(64, streams)), "--port", str(port), "--metrics-port", "-1",
+           "--http-port", "-1"]
     print("server:", " ".join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     ready: list[str] = []

@@ -96,6 +96,7 @@ def prompts(n: int) -> list[str]:
 # ---- the Quiver server -----------------------------------------------------------------------------
 def start_server(args, adapter_dir: Path) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", "--metrics-port", "-1",
+           "--http-port", "-1",
            "--quantize", args.quantize, "--adapter-dir", str(adapter_dir),
            "--max-device-adapters", str(args.clients), "--max-lora-rank", str(args.rank),
            "--max-running", str(max(64, args.clients)), "--max-batch-tokens", str(args.max_batch_tokens),

@@ -294,6 +294,7 @@ class DefaultServer:
 
         self.port = free_port(QUIVER_PORTS)
         cmd = [sys.executable, "-m", "runtime.cli", "serve", "--port", str(self.port), "--metrics-port", "-1",
+               "--http-port", "-1",
                "--adapter-dir", str(adapter_dir)] + (["--model", model] if model else [])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         self.lines: list[str] = []

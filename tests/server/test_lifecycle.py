@@ -169,8 +169,10 @@ def test_cli_against_a_live_server(server, capsys, extra_root):
 
 # ---- a real `quiver serve` process ---------------------------------------------------------------
 def start_serve(args: list[str], timeout: float = 300) -> tuple[subprocess.Popen, str, str]:
-    """`quiver serve ARGS --port 0` as a subprocess; (process, address, metrics port) once ready."""
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--port", "0", *args],
+    """`quiver serve ARGS --port 0 --http-port 0` as a subprocess (any free ports: never the
+    default 8000 a machine may already use); (process, address, metrics port) once ready."""
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--port", "0",
+                             "--http-port", "0", *args],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()
