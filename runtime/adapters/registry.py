@@ -20,6 +20,7 @@ Thread safety: one lock around the bookkeeping. Slot *writes* (device copies) ha
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +30,9 @@ from enum import Enum
 from runtime.adapters.device import SlotState, clear_slot, write_slot
 from runtime.adapters.types import Adapter
 from runtime.nn.model import DecoderModel
+
+
+_GENERATIONS = itertools.count(1)  # registrations, process-wide
 
 
 class AdapterNotFound(KeyError):
@@ -62,6 +66,9 @@ class Entry:
     refs: int = 0  # requests accepted and not finished (queued, running or preempted)
     requests_served: int = 0
     unloading: bool = False
+    #: distinct for every registration, so a reloaded adapter (same id, maybe other weights)
+    #: never meets KV computed by its predecessor (the prefix cache keys on it)
+    generation: int = field(default_factory=lambda: next(_GENERATIONS))
 
     @property
     def state(self) -> AdapterState:
@@ -145,6 +152,15 @@ class AdapterRegistry:
     def get(self, adapter_id: str) -> Adapter:
         with self._lock:
             return self._get(adapter_id).adapter
+
+    def generation(self, adapter_id: str) -> int:
+        """The load generation of the registered adapter (unloading ones included: their
+        in-flight requests still run on it); AdapterNotFound once it is dropped."""
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None:
+                raise AdapterNotFound(adapter_id)
+            return entry.generation
 
     def list(self) -> list[AdapterInfo]:
         with self._lock:

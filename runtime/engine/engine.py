@@ -43,7 +43,7 @@ from runtime.engine.sampling import generator_for, sample
 from runtime.engine.stopping import StopChecker
 from runtime.nn.adapter_batch import AdapterBatch
 from runtime.nn.attention import AttentionBatch
-from runtime.nn.kv_cache import CacheFull, KVCache
+from runtime.nn.kv_cache import VIRTUAL_TOKEN, CacheFull, KVCache
 from runtime.nn.model import DecoderModel
 
 
@@ -54,6 +54,10 @@ class EngineConfig:
     kv_cache_tokens: int = 32768  # KV budget over all sequences (prefixes included)
     kv_block_size: int = 16
     max_queue: int = 0  # requests accepted but not running beyond which add() refuses; 0 = no cap
+    #: reuse cached full blocks of earlier prompts with the same adapter and prefix (kv_cache.py);
+    #: off, only adapters' virtual-token blocks are shared
+    prefix_cache: bool = True
+    kv_preallocate: bool = False  # allocate the whole KV budget at start-up (memory stays put)
 
 
 class QueueFull(RuntimeError):
@@ -70,6 +74,15 @@ class StepStats:
     preempted: int = 0
 
 
+@dataclass
+class PrefixCacheStats:
+    """Cumulative, in tokens of the requests' own rows (virtual tokens not counted): `queries`
+    looked up at admission, `hits` of them served from cached blocks instead of computed."""
+
+    queries: int = 0
+    hits: int = 0
+
+
 class Engine:
     def __init__(self, model: DecoderModel, tokenizer, registry: AdapterRegistry,
                  config: EngineConfig | None = None):
@@ -78,7 +91,9 @@ class Engine:
         dev = model.model.norm.weight.device
         self.device = dev
         self.cache = KVCache(model.cfg, max_tokens=self.config.kv_cache_tokens,
-                             block_size=self.config.kv_block_size, dtype=model.dtype, device=dev)
+                             block_size=self.config.kv_block_size, dtype=model.dtype, device=dev,
+                             preallocate=self.config.kv_preallocate)
+        self.prefix_stats = PrefixCacheStats()
         self.eos_ids = set(model.cfg.eos_token_ids)
         self.running: list[Sequence] = []
         self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()  # adapter -> FIFO
@@ -204,6 +219,8 @@ class Engine:
         for seq in decoders:
             if budget <= 0:
                 break
+            if seq.phase is not Phase.RUNNING:
+                continue  # preempted for an earlier decoder's room: it holds no blocks now
             if self._reserve_or_preempt(seq, 1, stats):
                 plan.append((seq, 1))
                 budget -= 1
@@ -283,9 +300,7 @@ class Engine:
                 self._fail_waiting(seq, str(e))
                 return False
         try:
-            if state is not None and state.kv_prefix is not None:
-                self.cache.write_prefix(seq.kv, state.kv_prefix)
-                seq.prefix_len = state.num_prefix_tokens
+            self._attach_cache(seq, state)
         except CacheFull:
             self._release_adapter(seq)
             self.cache.free(seq.kv)
@@ -293,6 +308,45 @@ class Engine:
         seq.phase, seq.admitted_at = Phase.RUNNING, seq.admitted_at or time.monotonic()
         self.running.append(seq)
         return True
+
+    def _attach_cache(self, seq: Sequence, state) -> None:
+        """Start `seq`'s KV on the longest cached run of its rows (virtual + prompt + generated
+        so far), then write what is left of the adapter's virtual-token KV; `seq.fed` = tokens
+        found in the cache. The last token is never matched: its logits are needed."""
+        n_virtual = state.num_prefix_tokens if state is not None else 0
+        rows = self._cache_rows(seq, n_virtual, len(seq.tokens))
+        bs = self.cache.block_size
+        limit = (len(rows) - 1) // bs if self.config.prefix_cache else n_virtual // bs
+        namespace = self._namespace(seq)
+        self.cache.match(seq.kv, namespace, rows, limit)
+        if n_virtual:
+            self.cache.write_prefix(seq.kv, state.kv_prefix)
+            self.cache.register(seq.kv, rows, n_virtual // bs)
+        seq.prefix_len = n_virtual
+        seq.fed = seq.kv.length - n_virtual
+        self.prefix_stats.queries += len(seq.tokens)
+        self.prefix_stats.hits += seq.fed
+
+    def _namespace(self, seq: Sequence) -> tuple[str, int]:
+        """Whose KV the blocks hold: the adapter and its load generation (a reloaded adapter
+        never meets its old blocks); ("", 0) for the base model."""
+        adapter_id = seq.req.adapter_id
+        return (adapter_id, self.registry.generation(adapter_id)) if adapter_id else ("", 0)
+
+    @staticmethod
+    def _cache_rows(seq: Sequence, n_virtual: int, n_tokens: int) -> list[int]:
+        """The token id of each KV row 0..n_virtual+n_tokens-1 (VIRTUAL_TOKEN for virtual rows)."""
+        return [VIRTUAL_TOKEN] * n_virtual + seq.tokens[:n_tokens]
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """After a forward: enter the blocks `seq` just filled in the prefix table."""
+        kv, bs = seq.kv, self.cache.block_size
+        full = kv.length // bs
+        if full <= kv.hashed:
+            return
+        limit = full if self.config.prefix_cache else seq.prefix_len // bs
+        if limit > kv.hashed:
+            self.cache.register(kv, self._cache_rows(seq, seq.prefix_len, seq.fed), limit)
 
     def fail_running(self, message: str) -> None:
         """After a failed step: end every running sequence with ERROR and free what it held."""
@@ -342,6 +396,7 @@ class Engine:
         attn.commit()
         for seq, n in plan:
             seq.fed += n
+            self._register_blocks(seq)
         if sampled:
             self._sample_and_report(sampled, logits)
 
