@@ -229,6 +229,9 @@ class ServerConfig:
     max_batch_tokens: int = 512
     max_running: int = 64
     kv_cache_tokens: int = 32768
+    #: automatic prefix caching: a prompt's full KV blocks are reused by later requests of the
+    #: same adapter with the same leading tokens (runtime/nn/kv_cache.py)
+    prefix_cache: bool = True
     max_queue: int = 512  # waiting requests; beyond it Generate is RESOURCE_EXHAUSTED
     max_new_tokens: int = 4096  # cap per request
     # ---- lifecycle and metrics

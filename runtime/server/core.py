@@ -30,7 +30,7 @@ from runtime.adapters.registry import AdapterBusy, AdapterInfo, AdapterNotFound,
 from runtime.adapters.store import AdapterPathError, AdapterStore, validate_adapter_id
 from runtime.adapters.types import AdapterFormatError
 from runtime.config import ServerConfig
-from runtime.engine.engine import Engine, StepStats
+from runtime.engine.engine import Engine, PrefixCacheStats, StepStats
 from runtime.engine.loop import EngineLoop, RequestStream
 from runtime.engine.params import (InvalidParams, RequestLimits, ResponseOptions, SamplingParams,
                                    StoppingParams, StopReason)
@@ -146,6 +146,7 @@ class Core:
         # call; concurrent calls can collide ("Already borrowed"), so encoding is serialised.
         self._tok_lock = threading.Lock()
         self.gauges_dirty = threading.Event()  # set on adapter events; the refresher waits on it
+        self._prefix_reported = PrefixCacheStats()  # engine totals already added to the counters
 
     # ---- generation -------------------------------------------------------------------------
     def submit(self, call: GenerateCall, wait_s: float | None = None) -> Handle:
@@ -367,6 +368,9 @@ class Core:
         self.metrics.step(stats.rows, stats.tokens, stats.duration_s, stats.preempted)
         self.refresh_engine_gauges()
         e = self.engine
+        seen, self._prefix_reported = self._prefix_reported, replace(e.prefix_stats)
+        self.metrics.prefix_cache(e.prefix_stats.queries - seen.queries, e.prefix_stats.hits - seen.hits,
+                                  e.cache.cached_blocks)
         running = {s.req.adapter_id for s in e.running if s.req.adapter_id}
         waiting = {a for a, q in e.waiting.items() if a and q}
         self.metrics.lora_state(self.registry.num_slots, running, waiting)

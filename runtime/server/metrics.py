@@ -17,7 +17,8 @@ endpoint picker scrapes them from /metrics on the HTTP port): `vllm:num_requests
 `vllm:num_requests_running`, `vllm:kv_cache_usage_perc` (0..1) and `vllm:lora_requests_info`,
 one series whose labels list the adapters running and waiting (comma-separated ids) and whose
 value is the unix time of the last change; a changed set replaces the old series (no stale
-ones). They are updated on the engine thread after each step, so a scrape only reads values.
+ones); `vllm:prefix_cache_queries` / `vllm:prefix_cache_hits` (tokens, counters, as vLLM names
+them: exposed with the `_total` suffix), which the gateway's prefix-cache scorer reads. They are updated on the engine thread after each step, so a scrape only reads values.
 """
 from __future__ import annotations
 
@@ -110,6 +111,14 @@ class Metrics:
                                       buckets=TOKEN_LATENCY_BUCKETS, registry=r)
         self.kv_usage = Gauge("quiver_kv_cache_usage_ratio", "Fraction of the KV cache budget in use", registry=r)
         self.preemptions = PCounter("quiver_preemptions_total", "Sequences preempted for KV room", registry=r)
+        self.prefix_queries = PCounter("quiver_prefix_cache_queries_total",
+                                       "Prompt tokens looked up in the prefix cache at admission",
+                                       registry=r)
+        self.prefix_hits = PCounter("quiver_prefix_cache_hits_total",
+                                    "Prompt tokens found in the prefix cache (not computed)", registry=r)
+        self.prefix_blocks = Gauge("quiver_prefix_cache_blocks",
+                                   "KV blocks in the prefix cache (held by requests or evictable)",
+                                   registry=r)
         self.adapters = Gauge("quiver_adapters", "Adapters by residency state and type",
                               ("state", "type"), registry=r)
         self.adapter_load = Histogram("quiver_adapter_load_seconds", "Reading + validating an adapter",
@@ -134,6 +143,10 @@ class Metrics:
         self.vllm_kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0..1 (1 = full)", registry=r)
         self.vllm_lora = Gauge("vllm:lora_requests_info", "Running / waiting adapters; value: time of last change",
                                ("max_lora", "running_lora_adapters", "waiting_lora_adapters"), registry=r)
+        self.vllm_prefix_queries = PCounter("vllm:prefix_cache_queries",
+                                            "Prefix cache queries, in prompt tokens", registry=r)
+        self.vllm_prefix_hits = PCounter("vllm:prefix_cache_hits",
+                                         "Prefix cache hits, in prompt tokens", registry=r)
         self._lora_labels: tuple[str, str, str] | None = None
         self._lora_lock = threading.Lock()
 
@@ -168,6 +181,16 @@ class Metrics:
         self.vllm_running.set(running)
         self.vllm_waiting.set(waiting)
         self.vllm_kv_usage.set(kv_usage)
+
+    def prefix_cache(self, queries: int, hits: int, cached_blocks: int) -> None:
+        """queries / hits: tokens since the last call (counters); cached_blocks: now."""
+        if queries:
+            self.prefix_queries.inc(queries)
+            self.vllm_prefix_queries.inc(queries)
+        if hits:
+            self.prefix_hits.inc(hits)
+            self.vllm_prefix_hits.inc(hits)
+        self.prefix_blocks.set(cached_blocks)
 
     def lora_state(self, max_lora: int, running: set[str], waiting: set[str]) -> None:
         """vllm:lora_requests_info: one series; a new label set replaces the old one."""

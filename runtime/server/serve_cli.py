@@ -58,6 +58,9 @@ def add_parser(sub) -> None:
                     help=f"requests in the running batch (default {d.max_running})")
     en.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens,
                     help=f"KV cache budget over all requests (default {d.kv_cache_tokens})")
+    en.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=d.prefix_cache,
+                    help="reuse the KV of a prompt's leading full blocks computed earlier for the "
+                         "same adapter (default on; --no-prefix-cache recomputes every prompt)")
     en.add_argument("--max-queue", type=int, default=d.max_queue,
                     help=f"waiting requests before RESOURCE_EXHAUSTED (default {d.max_queue}; 0 = no cap)")
     en.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
@@ -102,7 +105,7 @@ def config_from_args(args: argparse.Namespace):
         allow_adapter_roots=args.allow_adapter_roots, preload=args.preload,
         max_device_adapters=args.max_device_adapters, max_lora_rank=args.max_lora_rank,
         max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
-        kv_cache_tokens=args.kv_cache_tokens, max_queue=args.max_queue,
+        kv_cache_tokens=args.kv_cache_tokens, prefix_cache=args.prefix_cache, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, grace_period_s=args.grace_period,
         metrics_max_adapter_labels=args.metrics_max_adapter_labels,
         admin_token=args.admin_token or os.environ.get("QUIVER_ADMIN_TOKEN"),
