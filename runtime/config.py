@@ -232,6 +232,9 @@ class ServerConfig:
     #: automatic prefix caching: a prompt's full KV blocks are reused by later requests of the
     #: same adapter with the same leading tokens (runtime/nn/kv_cache.py)
     prefix_cache: bool = True
+    #: allocate the whole KV budget at start-up instead of doubling up to it as traffic grows:
+    #: resident memory then stays where it starts (the soak's memory check)
+    kv_preallocate: bool = False
     max_queue: int = 512  # waiting requests; beyond it Generate is RESOURCE_EXHAUSTED
     max_new_tokens: int = 4096  # cap per request
     # ---- lifecycle and metrics

@@ -23,6 +23,9 @@ Checks at the end (each one printed, PASS / FAIL):
                STOP_SEQUENCE only with stop sequences, TIME_LIMIT only with a time limit), one
                final message, and token counts that add up
     memory     resident memory back within --rss-tolerance (10%) of the post-warm-up level
+               (printed once a minute, `--sample-interval`, beside what could grow: the KV
+               pool's bytes, resident memory without them, live Python objects, threads,
+               metric series and cached prefix blocks)
     gauges     quiver_requests_running and quiver_requests_waiting back to 0 (scraped over HTTP)
     log        no ERROR log line (the provoked failures log WARNINGs)
 
@@ -331,6 +334,30 @@ def wait_idle(metrics_port: int, timeout: float) -> dict[str, float]:
         time.sleep(0.25)
 
 
+def sample_memory(metrics_port: int, t0: float) -> dict[str, float]:
+    """One row of the memory table: resident memory and each suspect of its growth. The server
+    runs in this process, so Python objects and threads are counted here directly."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    series, m = 0, {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            series += 1
+            if not s.labels:
+                m[s.name] = s.value
+    rss, kv = m["process_resident_memory_bytes"], m.get("quiver_kv_cache_bytes", 0.0)
+    return {"t": time.monotonic() - t0, "rss": rss, "kv": kv, "rss_wo_kv": rss - kv,
+            "objects": len(gc.get_objects()), "threads": threading.active_count(),
+            "series": series, "prefix_blocks": m.get("quiver_prefix_cache_blocks", 0.0)}
+
+
+def memory_row(s: dict[str, float]) -> str:
+    return (f"{s['t']:7.0f} s  RSS {s['rss'] / 2**20:8.1f} MiB  KV pool {s['kv'] / 2**20:7.1f} MiB  "
+            f"RSS-KV {s['rss_wo_kv'] / 2**20:8.1f} MiB  objects {s['objects']:8d}  threads "
+            f"{s['threads']:4d}  series {s['series']:5d}  prefix blocks {s['prefix_blocks']:6.0f}")
+
+
 @dataclass
 class Report:
     tally: Tally
@@ -341,6 +368,7 @@ class Report:
     errors: list
     checks: dict  # name -> (ok, detail)
     seconds: float
+    memory: list = field(default_factory=list)  # sample_memory rows: warm-up, each interval, end
 
     @property
     def ok(self) -> bool:
@@ -353,6 +381,9 @@ class Report:
                  f"{t.retried} retried while unloading, {t.provoked} provoked failures, churn {dict(t.churn)}",
                  f"memory: {self.rss_warm / 2**20:.1f} MiB after warm-up, {self.rss_end / 2**20:.1f} MiB "
                  f"at the end, {self.rss_peak / 2**20:.1f} MiB peak"]
+        if self.memory:
+            lines.append("memory per interval (first row: after warm-up, last: idle at the end):")
+            lines += ["  " + memory_row(s) for s in self.memory]
         lines += [f"  {'PASS' if ok else 'FAIL'} {name}: {detail}" for name, (ok, detail) in self.checks.items()]
         lines.append("soak: " + ("PASSED" if self.ok else "FAILED"))
         return "\n".join(lines)
@@ -363,17 +394,25 @@ def soak(client, metrics_port: int, adapter_ids, dyn_sources, broken_ids, args, 
     t0 = time.monotonic()
     tally = Tally()
     rss_warm = warm_up(client, adapter_ids, args, tally, metrics_port)
+    memory = [sample_memory(metrics_port, t0)]
+    log.warning("memory %s", memory_row(memory[0]))
     stop, peak = threading.Event(), [rss_warm]
     with ThreadPoolExecutor(args.streams + 1) as pool:
         for k in range(args.streams):
             pool.submit(traffic, client, adapter_ids, args, tally, stop, args.seed * 7919 + k)
         pool.submit(churn, client, adapter_ids, dyn_sources, broken_ids, args, tally, stop)
         end = time.monotonic() + args.duration
+        next_sample = time.monotonic() + args.sample_interval
         while time.monotonic() < end:
             time.sleep(min(5.0, max(0.0, end - time.monotonic())))
             peak[0] = max(peak[0], scrape(metrics_port)["process_resident_memory_bytes"])
+            if time.monotonic() >= next_sample:
+                memory.append(sample_memory(metrics_port, t0))
+                log.warning("memory %s", memory_row(memory[-1]))
+                next_sample += args.sample_interval
         stop.set()
     rss_end = settled_rss(metrics_port)
+    memory.append(sample_memory(metrics_port, t0))
     gauges = wait_idle(metrics_port, 10)
     checks = {
         "outcomes": (not tally.failures and sum(tally.completed.values()) > 0,
@@ -386,7 +425,7 @@ def soak(client, metrics_port: int, adapter_ids, dyn_sources, broken_ids, args, 
         "log": (not errors.lines, f"{len(errors.lines)} ERROR lines {errors.lines[:5]}"),
     }
     return Report(tally, rss_warm, rss_end, peak[0], gauges, list(errors.lines), checks,
-                  time.monotonic() - t0)
+                  time.monotonic() - t0, memory)
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -407,6 +446,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deadline-p", type=float, default=0.1, help="share with a short deadline (0.1)")
     p.add_argument("--churn-interval", type=float, default=2.0, help="seconds between adapter churns (2)")
     p.add_argument("--rss-tolerance", type=float, default=0.10, help="memory growth allowed (0.10)")
+    p.add_argument("--sample-interval", type=float, default=60,
+                   help="seconds between rows of the memory table (60)")
+    p.add_argument("--kv-preallocate", action="store_true",
+                   help="the server allocates its whole KV budget at start-up (serve --kv-preallocate)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="serve --kv-cache-tokens (default its own)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="serve --no-prefix-cache")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -428,7 +473,9 @@ def run(argv=None) -> Report:
             metrics_port=0, adapter_dir=str(tmp / "adapters"), allow_adapter_roots=[str(tmp / "dyn")],
             max_device_adapters=args.device_slots, max_lora_rank=8,
             max_queue=max(512, 2 * args.streams), grpc_workers=max(256, args.streams + 16),
-            grace_period_s=30))
+            grace_period_s=30, kv_preallocate=args.kv_preallocate,
+            prefix_cache=not args.no_prefix_cache,
+            **({"kv_cache_tokens": args.kv_cache_tokens} if args.kv_cache_tokens else {})))
         base_cfg = server.core.base.config
         adapter_ids = [f"soak/{i:03d}" for i in range(args.adapters)]
         make_adapters(base_cfg, tmp / "adapters", adapter_ids, args.seed)

@@ -78,7 +78,8 @@ def build_server(cfg: ServerConfig, base: LoadedBase | None = None,
     loader = AdapterLoader(registry, store, base.config)
     engine = Engine(base.model, base.tokenizer, registry, EngineConfig(
         max_batch_tokens=cfg.max_batch_tokens, max_running=cfg.max_running,
-        kv_cache_tokens=cfg.kv_cache_tokens, max_queue=cfg.max_queue, prefix_cache=cfg.prefix_cache))
+        kv_cache_tokens=cfg.kv_cache_tokens, max_queue=cfg.max_queue, prefix_cache=cfg.prefix_cache,
+        kv_preallocate=cfg.kv_preallocate))
     loop = EngineLoop(engine)
     metrics = Metrics(cfg.metrics_max_adapter_labels)
     core = Core(cfg, base, engine, loop, registry, store, loader, metrics)

@@ -377,7 +377,7 @@ class Core:
 
     def refresh_engine_gauges(self) -> None:
         e = self.engine
-        self.metrics.engine_state(len(e.running), e.num_queued(), e.cache.usage())
+        self.metrics.engine_state(len(e.running), e.num_queued(), e.cache.usage(), e.cache.pool_bytes())
 
     def refresh_adapter_gauges(self) -> None:
         counts: Counter[tuple[str, str]] = Counter()

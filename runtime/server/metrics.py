@@ -110,6 +110,8 @@ class Metrics:
         self.step_seconds = Histogram("quiver_step_duration_seconds", "Engine step wall time",
                                       buckets=TOKEN_LATENCY_BUCKETS, registry=r)
         self.kv_usage = Gauge("quiver_kv_cache_usage_ratio", "Fraction of the KV cache budget in use", registry=r)
+        self.kv_bytes = Gauge("quiver_kv_cache_bytes",
+                              "Bytes the KV pool holds (it doubles up to --kv-cache-tokens)", registry=r)
         self.preemptions = PCounter("quiver_preemptions_total", "Sequences preempted for KV room", registry=r)
         self.prefix_queries = PCounter("quiver_prefix_cache_queries_total",
                                        "Prompt tokens looked up in the prefix cache at admission",
@@ -174,7 +176,8 @@ class Metrics:
         if preempted:
             self.preemptions.inc(preempted)
 
-    def engine_state(self, running: int, waiting: int, kv_usage: float) -> None:
+    def engine_state(self, running: int, waiting: int, kv_usage: float, kv_bytes: int = 0) -> None:
+        self.kv_bytes.set(kv_bytes)
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)

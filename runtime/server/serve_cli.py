@@ -61,6 +61,9 @@ def add_parser(sub) -> None:
     en.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=d.prefix_cache,
                     help="reuse the KV of a prompt's leading full blocks computed earlier for the "
                          "same adapter (default on; --no-prefix-cache recomputes every prompt)")
+    en.add_argument("--kv-preallocate", action="store_true",
+                    help="allocate the whole --kv-cache-tokens budget at start-up (memory stays put; "
+                         "default: the cache doubles up to it as traffic needs)")
     en.add_argument("--max-queue", type=int, default=d.max_queue,
                     help=f"waiting requests before RESOURCE_EXHAUSTED (default {d.max_queue}; 0 = no cap)")
     en.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
@@ -105,7 +108,8 @@ def config_from_args(args: argparse.Namespace):
         allow_adapter_roots=args.allow_adapter_roots, preload=args.preload,
         max_device_adapters=args.max_device_adapters, max_lora_rank=args.max_lora_rank,
         max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
-        kv_cache_tokens=args.kv_cache_tokens, prefix_cache=args.prefix_cache, max_queue=args.max_queue,
+        kv_cache_tokens=args.kv_cache_tokens, prefix_cache=args.prefix_cache,
+        kv_preallocate=args.kv_preallocate, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, grace_period_s=args.grace_period,
         metrics_max_adapter_labels=args.metrics_max_adapter_labels,
         admin_token=args.admin_token or os.environ.get("QUIVER_ADMIN_TOKEN"),
