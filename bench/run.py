@@ -569,6 +569,17 @@ def sec_train(rep: Report, lab: Lab) -> None:
     rep.section("Train: tokens/s vs PEFT QLoRA", report_rows(quick=lab.sizes is not FULL, plot=rep.plot))
 
 
+def sec_prefix(rep: Report, lab: Lab) -> None:
+    from bench import prefix_bench as pb
+
+    preset = replace(lab.sizes, peers=True)  # --no-peers changes nothing here
+    sz = {FULL: pb.PrefixSizes(), QUICK: pb.QUICK, SMOKE: pb.SMOKE}.get(preset, pb.QUICK)
+    rows, goals = pb.report(lab.base, lab.root, sz)
+    rep.section("Prefix: the prefix cache and shared virtual-token KV (engine in process)",
+                pb.__doc__.split("\n\n")[0] + "\n\n" + table(["figure", "value"], rows)
+                + "\n\n" + "\n".join(goals))
+
+
 def sec_peers(rep: Report, lab: Lab) -> None:
     from bench.peers import section
 
@@ -577,7 +588,7 @@ def sec_peers(rep: Report, lab: Lab) -> None:
 
 SECTIONS = {"floor": sec_floor, "multistep": sec_multistep, "multi": sec_multi,
             "popularity": sec_popularity, "types": sec_types, "latency": sec_latency,
-            "memory": sec_memory, "hotload": sec_hotload, "train": sec_train, "peers": sec_peers}
+            "memory": sec_memory, "hotload": sec_hotload, "prefix": sec_prefix, "train": sec_train, "peers": sec_peers}
 #: --quick / --smoke skip these unless named with --only
 FULL_ONLY = ("multistep", "peers")
 
