@@ -11,6 +11,12 @@ Each `step()` builds one packed batch and runs one forward:
     6. report    detokenise, check stops, hand an `Output` to the request's callback
 
 Admission takes an adapter slot (`AdapterRegistry.acquire`) and KV blocks for the first chunk.
+It first looks the request's rows (the adapter's virtual tokens, then prompt + anything already
+generated) up in the prefix table (runtime/nn/kv_cache.py): the longest cached run of full
+blocks under the same adapter and load generation is held read-only and not computed again; the
+last token always is (its logits give the next token). After each forward, the blocks a
+sequence has just filled are entered in the table. With `prefix_cache` off only the adapter's
+virtual-token blocks are shared (held once per adapter, never copied per request).
 Waiting requests are kept per adapter and admitted round-robin across adapters, so one busy
 adapter cannot starve the others. When the cache cannot hold a decode step, the most recently
 admitted sequence is preempted: its blocks are freed and it re-queues at the front to be
