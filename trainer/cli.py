@@ -72,7 +72,9 @@ def _training_options(g) -> None:
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint directory (no value: the newest under --output)")
     g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--optim", choices=OPTIMIZERS, default="adamw")
+    g.add_argument("--optim", choices=OPTIMIZERS, default="adamw",
+                   help="adamw (default), adamw8bit, paged_adamw, paged_adamw8bit (bitsandbytes; paged "
+                        "needs CUDA, elsewhere the unpaged one is used with a warning)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="linear")

@@ -12,7 +12,7 @@ from typing import Any
 
 METHODS = ("lora", "dora", "adalora", "prompt", "ptuning", "prefix")
 LORA_METHODS = ("lora", "dora", "adalora")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 ENCODERS = ("mlp", "lstm")
 
@@ -82,7 +82,9 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N optimizer steps (0: none)
     resume: str | None = None  # checkpoint directory, or "latest" (newest under <output>/checkpoints)
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward
-    optim: str = "adamw"  # adamw (torch) | adamw8bit (bitsandbytes)
+    #: adamw (torch) | adamw8bit | paged_adamw | paged_adamw8bit (bitsandbytes; paged: CUDA only,
+    #: elsewhere the unpaged one with a warning)
+    optim: str = "adamw"
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_schedule: str = "linear"  # constant | linear | cosine (after warm-up, to 0 at the last step)

@@ -90,6 +90,30 @@ def _parse_line(path: Path, line_no: int, line: str) -> dict[str, Any]:
     return row
 
 
+def check_row(row: Any) -> str:
+    """The shape of one parsed row ("prompt_completion", "messages" or "text"), checked without
+    a tokenizer (what an upload can check at once); ValueError says what is wrong with it."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, not {type(row).__name__}")
+    keys = set(row)
+    if keys == {"prompt", "completion"}:
+        _text(row, "prompt", allow_empty=True)
+        _text(row, "completion")
+        return "prompt_completion"
+    if keys == {"messages"}:
+        _check_messages(row["messages"])
+        return "messages"
+    if keys == {"text"}:
+        _text(row, "text")
+        return "text"
+    raise ValueError(_unrecognised(keys))
+
+
+def _unrecognised(keys: set[str]) -> str:
+    return (f"unrecognised row keys {sorted(keys)}: expected {{\"prompt\", \"completion\"}}, "
+            "{\"messages\"} or {\"text\"}")
+
+
 def tokenize_row(row: dict[str, Any], tokenizer, fallback_eos: int | None = None) -> tuple[list[int], list[bool]]:
     """(ids, labels) of one parsed row; ValueError says what is wrong with it."""
     keys = set(row)
@@ -101,10 +125,7 @@ def tokenize_row(row: dict[str, Any], tokenizer, fallback_eos: int | None = None
     if keys == {"text"}:
         ids = tokenizer(_text(row, "text"))["input_ids"] + _eos(tokenizer, fallback_eos)
         return ids, [True] * len(ids)
-    raise ValueError(
-        f"unrecognised row keys {sorted(keys)}: expected {{\"prompt\", \"completion\"}}, "
-        "{\"messages\"} or {\"text\"}"
-    )
+    raise ValueError(_unrecognised(keys))
 
 
 def _text(row: dict, key: str, allow_empty: bool = False) -> str:

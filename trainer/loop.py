@@ -2,13 +2,21 @@
 
     setup            load the base (frozen; NF4 by default) and the data, attach the method's
                      adapter, build the optimizer; on --resume, restore a checkpoint
-    train            for each optimizer step: grad_accum packed micro-batches, loss = summed
-                     token cross-entropy / targets in the whole step (+ the method's regulariser),
-                     clip, step, method hook (AdaLoRA's rank allocation); eval and checkpoints
-                     on their schedules; finally export the adapter in PEFT format
+    train            `advance` to the last step, then `finish`:
+      advance        one optimizer step: grad_accum packed micro-batches, loss = summed token
+                     cross-entropy / targets in the whole step (+ the method's regulariser), clip,
+                     step, method hook (AdaLoRA's rank allocation); eval and checkpoint when
+                     their schedules say so
+      finish         the final eval, and the adapter exported in PEFT format
     save_checkpoint  <output>/checkpoints/step-NNNNNN/: trainer_state.pt (method parameters and
-                     state, optimizer, RNG, history) and a servable adapter/ directory
+                     state, optimizer, RNG, history) and a servable adapter/ directory, written
+                     whole under a temporary name and renamed into place (a kill mid-write leaves
+                     the previous checkpoints as they were, and no half-written one)
     cleanup          detach the adapter from the model
+
+`quiver train` calls `train`; a fine-tuning job inside the server (runtime/training) calls
+`advance` once per slice between engine steps, with the adapter attached (`attach`) only for
+the slice, on the server's own base (`resident=True`: the server's thread settings are kept).
 
 Resume is exact (bit for bit with the same seed): batches are a pure function of (seed, step)
 (trainer/batch.py), the learning rate a pure function of the step, and everything stateful
@@ -21,6 +29,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -43,11 +52,15 @@ CHECKPOINTS = "checkpoints"
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, base: LoadedBase | None = None):
-        """`base`: an already loaded base model to train on (it is restored by `cleanup`)."""
+    def __init__(self, config: TrainConfig, base: LoadedBase | None = None, resident: bool = False):
+        """`base`: an already loaded base model to train on (it is restored by `cleanup`).
+        `resident`: `base` is a serving model; torch's thread settings are left alone."""
         self.cfg = config
         self.base = base
+        self.resident = resident
         self.method = None
+        self.last_loss: float | None = None
+        self._attached = False
         self.step = 0
         self.history: list[list[float]] = []  # [step, train loss] per optimizer step
         self.eval_history: list[list[float]] = []  # [step, eval loss, eval exact match]
@@ -59,7 +72,8 @@ class Trainer:
         adapter's initial weights draw from it), so a caller's own RNG state is not preserved."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        set_threads(cfg.threads)
+        if not self.resident:
+            set_threads(cfg.threads)
         if self.base is None:
             self.base = load_base(cfg.model, cfg.quantize, cfg.dtype, cfg.device, training=True)
         self.model, self.device = self.base.model, self.base.device
@@ -73,9 +87,8 @@ class Trainer:
         self.params = self.method.adapter_params()
         if not self.params:
             raise TrainConfigError(f"--method {cfg.method} has no trainable parameters with these settings")
-        if cfg.gradient_checkpointing:
-            _checkpoint_layers(self.model)
-        self.optimizer = make_optimizer(cfg, self.params)
+        self.attach()
+        self.optimizer = make_optimizer(cfg, self.params, self.device)
         self.summary.total_steps = self.total_steps
         if cfg.resume:
             self._load_checkpoint(resolve_checkpoint(cfg))
@@ -85,24 +98,42 @@ class Trainer:
     # ---- train --------------------------------------------------------------------------------
     def train(self) -> Path:
         """Run to the last step; returns the output directory (the final PEFT adapter)."""
-        cfg = self.cfg
-        bar = _progress_bar(cfg, self.total_steps, self.step)
-        start = time.perf_counter() - self.summary.seconds  # a resumed run continues the clock
-        while self.step < self.total_steps:
-            loss, tokens = self.train_step()
-            self.summary.tokens += tokens
-            self.summary.seconds = time.perf_counter() - start
+        bar = _progress_bar(self.cfg, self.total_steps, self.step)
+        while not self.done:
+            loss = self.advance()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.summary.tokens_per_second:.0f}",
                             lr=f"{self._lr(self.step - 1):.2e}")
-            if cfg.eval_every and self.eval_examples and self.step % cfg.eval_every == 0:
-                self._record_eval()
-            if cfg.save_every and self.step % cfg.save_every == 0:
-                self.save_checkpoint()
         bar.close()
+        return self.finish()
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def advance(self) -> float:
+        """One optimizer step, then the eval / checkpoint its step number calls for; the loss.
+
+        `summary.seconds` counts the steps themselves (a resumed run continues the sum), so
+        tokens/s is the training rate whatever else shares the process."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        loss, tokens = self.train_step()
+        self.summary.tokens += tokens
+        self.summary.seconds += time.perf_counter() - t0
+        self.last_loss = loss
+        if cfg.eval_every and self.eval_examples and self.step % cfg.eval_every == 0:
+            self._record_eval()
+        if cfg.save_every and self.step % cfg.save_every == 0:
+            self.save_checkpoint()
+        return loss
+
+    def finish(self, out_dir: str | Path | None = None) -> Path:
+        """The final eval (if there is eval data) and the PEFT adapter, to `out_dir` (default
+        --output); returns the directory written."""
         if self.eval_examples and (not self.eval_history or self.eval_history[-1][0] != self.step):
             self._record_eval()
-        return export_adapter(self.method, cfg.output, cfg, self._finish_summary())
+        return export_adapter(self.method, out_dir or self.cfg.output, self.cfg, self._finish_summary())
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer step over grad_accum packed micro-batches: (mean token loss, tokens)."""
@@ -185,9 +216,17 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Everything a resumed run needs, plus the adapter as of this step (servable)."""
-        path = Path(self.cfg.output) / CHECKPOINTS / f"step-{self.step:06d}"
-        path.mkdir(parents=True, exist_ok=True)
+        """Everything a resumed run needs, plus the adapter as of this step (servable).
+
+        Written into `.step-NNNNNN.tmp` and renamed to `step-NNNNNN` once complete: `resume`
+        only ever finds whole checkpoints (and a stale temporary one is removed here)."""
+        root = Path(self.cfg.output) / CHECKPOINTS
+        final = root / f"step-{self.step:06d}"
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        path = root / f".{final.name}.tmp"
+        path.mkdir()
         state = {
             "step": self.step,
             "config": self.cfg.to_dict(),
@@ -201,12 +240,14 @@ class Trainer:
             "tokens": self.summary.tokens,
             "seconds": self.summary.seconds,
         }
-        tmp = path / f".{STATE_FILE}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path / STATE_FILE)
+        torch.save(state, path / STATE_FILE)
         export_adapter(self.method, path / "adapter", self.cfg, self._finish_summary())
-        log.info("checkpoint %s", path)
-        return path
+        _fsync_tree(path)
+        if final.exists():  # a run resumed from an older checkpoint passes this step again
+            shutil.rmtree(final)
+        os.replace(path, final)
+        log.info("checkpoint %s", final)
+        return final
 
     def _load_checkpoint(self, path: Path) -> None:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
@@ -226,22 +267,63 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---- cleanup ------------------------------------------------------------------------------
+    def attach(self) -> None:
+        """The adapter into the model's forward (and, with --gradient-checkpointing, each
+        layer's forward wrapped); idempotent."""
+        if self._attached or self.method is None:
+            return
+        self.method.attach(self.model)
+        if self.cfg.gradient_checkpointing:
+            _checkpoint_layers(self.model)
+        self._attached = True
+
+    def detach(self) -> None:
+        """The model as it was before `attach`: serving slots back, forwards unwrapped, eval mode."""
+        if not self._attached:
+            return
+        self.method.detach(self.model)
+        for layer in self.model.model.layers:
+            layer.__dict__.pop("forward", None)
+        self.model.eval()
+        self._attached = False
+
     def cleanup(self) -> None:
         """Give the model back as it was: adapter slots detached, layer forwards unwrapped."""
         if self.method is not None and self.base is not None:
-            self.method.detach(self.model)
-            for layer in self.model.model.layers:
-                layer.__dict__.pop("forward", None)
-            self.model.eval()
+            self.detach()
         self.method = None
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if cfg.optim == "adamw8bit":
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter],
+                   device: torch.device | None = None) -> torch.optim.Optimizer:
+    """AdamW: torch's, or bitsandbytes' 8-bit, paged (CUDA) or not.
+
+    Paged optimizers keep their state in CUDA unified memory, which pages out to host memory
+    under pressure instead of failing (the QLoRA recipe). Off CUDA there is nothing to page:
+    `paged_adamw` falls back to torch's AdamW and `paged_adamw8bit` to AdamW8bit, with a warning.
+    """
+    kind = cfg.optim
+    if kind.startswith("paged_") and (device is None or device.type != "cuda"):
+        log.warning("--optim %s pages optimizer state through CUDA unified memory; on %s it "
+                    "falls back to the unpaged %s", kind, device or "this device", kind[len("paged_"):])
+        kind = kind[len("paged_"):]
+    if kind != "adamw":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+               "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[kind]
+        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under `path` (and the directories) to disk before the rename publishes it."""
+    for f in [*path.rglob("*"), path]:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def resolve_checkpoint(cfg: TrainConfig) -> Path:

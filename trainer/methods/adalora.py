@@ -182,7 +182,7 @@ class AdaLoraMethod(LoraFamilyMethod):
 
     def make_delta(self, name: str, lin: AdaptedLinear) -> nn.Module:
         return SvdDelta(lin.base.in_features, lin.base.out_features, self.cfg.init_r,
-                        self.module_scale(), lin.lora.A.device)
+                        self.module_scale(), self.device)
 
     def regularization(self) -> torch.Tensor | None:
         if self.cfg.orth_reg_weight == 0:

@@ -59,8 +59,12 @@ class AdapterMethod(nn.Module):
         """Method-specific lines for the adapter's README (AdaLoRA: the ranks it kept)."""
         return {}
 
+    def attach(self, model: DecoderModel) -> None:
+        """Make the model's forward see this adapter (LoRA family: the method's own slots in
+        place of the serving ones). Idempotent; prompt and prefix methods change nothing."""
+
     def detach(self, model: DecoderModel) -> None:
-        """Undo whatever `__init__` changed in the model (the trainer's `cleanup`)."""
+        """Undo `attach` (the trainer's `cleanup`, and the end of every in-server slice)."""
 
     # ---- checkpoints -----------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
@@ -89,3 +93,13 @@ class ParamModule(nn.Module):
 
     def adapter_params(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def exact_logits(model: DecoderModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [n, vocab] from the final hidden states [n, hidden] through the exact lm_head weight.
+
+    The serving model may run its lm_head on an approximate copy (bf16 / int8, runtime/nn/
+    lm_head.py), which has no gradient; training takes the loss on the exact product, which is
+    what the head of a model loaded for training computes anyway.
+    """
+    return torch.nn.functional.linear(hidden, model.lm_head_weight)

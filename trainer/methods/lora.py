@@ -24,6 +24,12 @@ How slot 0 becomes trainable: each targeted projection's `LoraSlots` tensors A [
 Bt [2, r, out] (and DoRA's f [2, out]) are parametrized (torch.nn.utils.parametrize) so that
 slot 0 is computed from this module's parameters on every access and slot 1 stays the zero
 slot. The served forward then runs unchanged, with autograd flowing into the parameters.
+
+The one-slot `LoraSlots` are the method's own, never the model's serving slots: `attach` points
+every projection at them (a projection the adapter does not target at None) and `detach` puts the
+model's own back. `quiver train` attaches once for the whole run; a fine-tuning job inside the
+server (runtime/training) attaches for each training slice between engine steps, so serving
+steps only ever see the serving slots, and no half-trained weight is in any of them.
 """
 from __future__ import annotations
 
@@ -39,12 +45,14 @@ from trainer.methods.base import KEY_PREFIX
 from runtime.adapters.types import AdapterFormatError
 from runtime.nn.adapter_batch import AdapterBatch
 from runtime.nn.attention import AttentionBatch
+from runtime.nn.lora import LoraSlots
 from runtime.nn.model import AdaptedLinear, DecoderModel
 from trainer.batch import PackedBatch
 from trainer.config import TrainConfig, TrainConfigError
-from trainer.methods.base import AdapterMethod, ParamModule
+from trainer.methods.base import AdapterMethod, ParamModule, exact_logits
 
-SLOT = 0  # the trainable slot; slot 1 (= num_slots) is the runtime's zero slot
+SLOT = 0  # the trainable slot; slot 1 (= TRAIN_SLOTS) is the runtime's zero slot
+TRAIN_SLOTS = 1
 
 
 class SlotFromParams(nn.Module):
@@ -111,13 +119,16 @@ class LoraFamilyMethod(AdapterMethod):
         super().__init__(cfg, model)
         self.names = resolve_targets(cfg, model)  # full HF module names, model order
         linears = model.adapted_linears()
-        self._saved_slots = {n: lin.lora for n, lin in linears.items()}
-        self._saved_shape = (model.num_slots, model.max_rank)
-        leaves = {name.rsplit(".", 1)[-1] for name in self.names}
-        model.allocate_lora_slots(1, self.slot_rank, leaves)
+        dev = self.device = model.model.norm.weight.device
+        # the method's own one-slot tensors (+ the zero slot): not registered as submodules, so
+        # the method's state_dict holds the trainable parameters only
+        self._slots = {name: LoraSlots(linears[name].base.in_features, linears[name].base.out_features,
+                                       TRAIN_SLOTS, self.slot_rank, model.dtype, dev)
+                       for name in self.names}
+        self._saved_slots: dict[str, LoraSlots | None] | None = None
         self.deltas = nn.ModuleList(self.make_delta(name, linears[name]) for name in self.names)
         for name, delta in zip(self.names, self.deltas):
-            self._attach(linears[name], delta)
+            self._bind(self._slots[name], delta)
 
     # ---- per-method hooks -------------------------------------------------------------------
     @property
@@ -129,12 +140,11 @@ class LoraFamilyMethod(AdapterMethod):
         return alpha / math.sqrt(r) if self.cfg.rslora else alpha / r
 
     def make_delta(self, name: str, lin: AdaptedLinear) -> nn.Module:
-        dev = lin.lora.A.device
-        return LoraDelta(lin.base.in_features, lin.base.out_features, self.cfg.rank, self.module_scale(), dev)
+        return LoraDelta(lin.base.in_features, lin.base.out_features, self.cfg.rank, self.module_scale(),
+                         self.device)
 
     # ---- wiring into the runtime's slots ----------------------------------------------------
-    def _attach(self, lin: AdaptedLinear, delta: nn.Module) -> None:
-        lora = lin.lora
+    def _bind(self, lora: LoraSlots, delta: nn.Module) -> None:
         lora.bind_slot(SLOT, self.slot_rank, delta.scale)
         parametrize.register_parametrization(lora, "A", SlotFromParams(delta.slot_A))
         parametrize.register_parametrization(lora, "Bt", SlotFromParams(lambda: delta.slot_B().T))
@@ -143,18 +153,29 @@ class LoraFamilyMethod(AdapterMethod):
         if self.cfg.dropout > 0:
             lora.dropout = nn.Dropout(self.cfg.dropout)
 
+    def attach(self, model: DecoderModel) -> None:
+        if self._saved_slots is not None:
+            return
+        linears = model.adapted_linears()
+        self._saved_slots = {n: lin.lora for n, lin in linears.items()}
+        for name, lin in linears.items():
+            lin.lora = self._slots.get(name)  # untargeted: None (a serving slot 0 must not apply)
+
     def detach(self, model: DecoderModel) -> None:
+        if self._saved_slots is None:
+            return
         for name, lin in model.adapted_linears().items():
             lin.lora = self._saved_slots[name]
-        model.num_slots, model.max_rank = self._saved_shape
+        self._saved_slots = None
 
     def forward(self, model: DecoderModel, batch: PackedBatch) -> torch.Tensor:
         rows = len(batch.row_lens)
         attn = AttentionBatch.without_cache(batch.row_lens)
-        ab = AdapterBatch.build([SLOT] * rows, batch.row_lens, model.num_slots, lora_slots={SLOT},
+        ab = AdapterBatch.build([SLOT] * rows, batch.row_lens, TRAIN_SLOTS, lora_slots={SLOT},
                                 dora_slots={SLOT} if self.use_dora else frozenset(),
                                 device=batch.tokens.device)
-        return model(batch.tokens, batch.positions(), attn, ab, logits_rows=batch.loss_rows)
+        return exact_logits(model, model(batch.tokens, batch.positions(), attn, ab,
+                                         logits_rows=batch.loss_rows, return_hidden=True))
 
     # ---- export -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -185,7 +206,7 @@ class DoraMethod(LoraMethod):
 
     def make_delta(self, name: str, lin: AdaptedLinear) -> nn.Module:
         return DoraDelta(lin.base.in_features, lin.base.out_features, self.cfg.rank,
-                         self.module_scale(), lin.base.dequantized_weight, lin.lora.A.device)
+                         self.module_scale(), lin.base.dequantized_weight, self.device)
 
 
 def resolve_targets(cfg: TrainConfig, model: DecoderModel) -> list[str]:
@@ -209,3 +230,4 @@ def peft_target_modules(cfg: TrainConfig) -> str | list[str]:
 
 def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
+

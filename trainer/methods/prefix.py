@@ -27,7 +27,7 @@ from runtime.nn.attention import AttentionBatch
 from runtime.nn.model import DecoderModel
 from trainer.batch import PackedBatch
 from trainer.config import TrainConfig
-from trainer.methods.base import AdapterMethod, ParamModule
+from trainer.methods.base import AdapterMethod, ParamModule, exact_logits
 
 
 class PrefixEncoder(ParamModule):
@@ -69,7 +69,8 @@ class PrefixTuningMethod(AdapterMethod):
         kv = prefix_kv(self.encoder(), self.model_cfg).to(model.dtype)  # [L, 2, H_kv, N, hd]
         attn = AttentionBatch.without_cache(batch.row_lens, prefixes=[kv] * len(batch.row_lens))
         positions = batch.positions(offset=self.cfg.num_virtual_tokens)
-        return model(batch.tokens, positions, attn, None, logits_rows=batch.loss_rows)
+        return exact_logits(model, model(batch.tokens, positions, attn, None, logits_rows=batch.loss_rows,
+                                         return_hidden=True))
 
     @torch.no_grad()
     def peft_tensors(self) -> dict[str, torch.Tensor]:
