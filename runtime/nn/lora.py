@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.nn.adapter_batch import AdapterBatch
+from runtime.nn.native import lora_rows_kernel
 
 
 class LoraSlots(nn.Module):
@@ -153,9 +154,26 @@ def _targeted_runs(m: LoraSlots, ab: AdapterBatch) -> list[tuple[int, int, int]]
     return [(slot, a, b) for slot, a, b in ab.runs if m.ranks[slot]]  # slots this module targets
 
 
+#: runs of up to this many rows take csrc/lora_rows.cpp on CPU without autograd: two matmuls'
+#: dispatch cost more than their math there (the C++ decode layers use the same rule)
+LORA_ROWS_MAX = 8
+
+
+def _rows_kernel(m: LoraSlots, x: torch.Tensor):
+    """(lora_rows, lora_rows_) where a few-row run may take the C++ loop, else None."""
+    if x.shape[0] > LORA_ROWS_MAX or x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or m.A.requires_grad or m.Bt.requires_grad):
+        return None  # training: the matmuls carry the gradients
+    return lora_rows_kernel()
+
+
 def _run_add(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, slot: int) -> torch.Tensor:
     """y + one slot's delta for the tokens of one run: x [n, in], y [n, out] -> [n, out]."""
     At, Bt = m.weights(slot)  # [in, r], [r, out]
+    kernel = _rows_kernel(m, x)
+    if kernel is not None:
+        return kernel[0](y, x, At.T, Bt, m.scales[slot], m.bias[slot] if m.has_bias[slot] else None)
     out = torch.addmm(y, x @ At, Bt, alpha=m.scales[slot])  # y + s * (x A^T) B^T
     return out + m.bias[slot] if m.has_bias[slot] else out
 
@@ -169,6 +187,10 @@ def _add_runs(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, ab: AdapterBatch) 
     for slot, a, b in runs:
         At, Bt = m.weights(slot)
         rows = y[a:b]  # a view: the addmm_ writes the run's rows in place
+        kernel = _rows_kernel(m, x[a:b])
+        if kernel is not None:
+            kernel[1](rows, x[a:b], At.T, Bt, m.scales[slot], m.bias[slot] if m.has_bias[slot] else None)
+            continue
         rows.addmm_(x[a:b] @ At, Bt, alpha=m.scales[slot])
         if m.has_bias[slot]:
             rows += m.bias[slot]

@@ -33,7 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / f for f in ("decode_stack.cpp", "paged_attention.cpp",
-                                                              "elementwise.cpp")]
+                                                              "elementwise.cpp", "lora_rows.cpp")]
 #: built where it runs, so for this CPU; -fopenmp-simd lets the attention loops vectorize
 CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
 #: a layer's projections in the C++ stack's order (its `Member` enum)
@@ -158,6 +158,12 @@ def rms_norm_kernel():
     """csrc/elementwise.cpp's one-pass fp32 RMSNorm (CPU), or None without the extension."""
     ext = extension()
     return None if ext is None else ext.rms_norm
+
+
+def lora_rows_kernel():
+    """csrc/lora_rows.cpp's (lora_rows, lora_rows_) for a few rows of one adapter, or None."""
+    ext = extension()
+    return None if ext is None else (ext.lora_rows, ext.lora_rows_)
 
 
 def applicable(model) -> bool:

@@ -34,6 +34,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool, i
                                   const at::Tensor& los);
 // csrc/elementwise.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+// csrc/lora_rows.cpp
+at::Tensor lora_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
+                     double scale, const std::optional<at::Tensor>& bias);
+void lora_rows_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
+                double scale, const std::optional<at::Tensor>& bias);
+// up to this many rows a run's LoRA takes lora_rows (lora.py: LORA_ROWS_MAX)
+constexpr int64_t kLoraRowsMax = 8;
 }  // namespace quiver
 
 namespace {
@@ -187,18 +194,26 @@ class DecodeStack {
     std::vector<std::array<int64_t, 3>> runs;
     for (const auto& r : ad.runs)
       if (m.rank(r[0])) runs.push_back(r);  // the slots this projection targets
+    auto bias_of = [&](int64_t slot) {
+      return m.has_bias(slot) ? std::optional<at::Tensor>(m.bias.select(0, slot)) : std::nullopt;
+    };
     if (runs.size() == 1 && runs[0][1] == 0 && runs[0][2] == x.size(0)) {  // one adapter, every row
       const int64_t slot = runs[0][0], r = m.rank(slot);
-      at::Tensor At = m.A.select(0, slot).slice(0, 0, r).t(), Bt = m.Bt.select(0, slot).slice(0, 0, r);
-      at::Tensor out = at::addmm(y, x.mm(At), Bt, 1, m.scale_of(slot));
+      at::Tensor A = m.A.select(0, slot).slice(0, 0, r), Bt = m.Bt.select(0, slot).slice(0, 0, r);
+      if (x.size(0) <= quiver::kLoraRowsMax) return quiver::lora_rows(y, x, A, Bt, m.scale_of(slot), bias_of(slot));
+      at::Tensor out = at::addmm(y, x.mm(A.t()), Bt, 1, m.scale_of(slot));
       return m.has_bias(slot) ? out + m.bias.select(0, slot) : out;
     }
     y = y.clone();
     for (const auto& [slot, a, b] : runs) {
       const int64_t r = m.rank(slot);
-      at::Tensor At = m.A.select(0, slot).slice(0, 0, r).t(), Bt = m.Bt.select(0, slot).slice(0, 0, r);
+      at::Tensor A = m.A.select(0, slot).slice(0, 0, r), Bt = m.Bt.select(0, slot).slice(0, 0, r);
       at::Tensor rows = y.slice(0, a, b);
-      rows.addmm_(x.slice(0, a, b).mm(At), Bt, 1, m.scale_of(slot));
+      if (b - a <= quiver::kLoraRowsMax) {
+        quiver::lora_rows_(rows, x.slice(0, a, b), A, Bt, m.scale_of(slot), bias_of(slot));
+        continue;
+      }
+      rows.addmm_(x.slice(0, a, b).mm(A.t()), Bt, 1, m.scale_of(slot));
       if (m.has_bias(slot)) rows += m.bias.select(0, slot);
     }
     return y;
@@ -263,4 +278,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &quiver::paged_decode_attention,
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &quiver::rms_norm, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("lora_rows", &quiver::lora_rows, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("lora_rows_", &quiver::lora_rows_, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
