@@ -88,6 +88,26 @@ def test_long_context_one_row():
                                atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("histories, window", [([1500, 10], None), ([900, 300, 5], 400), ([700], 3)])
+def test_split_keys_merge_to_the_reference(histories, window):
+    """Few rows, many keys: each row's keys are split into chunks attended in parallel and merged
+    by their softmax maxima (a short row gets empty chunks; a window cuts the first ones)."""
+    cfg = config(9, 3, 64)
+    cache, attn, q, k, v = decode_batch(cfg, histories, 16, seed=5, window=window)
+    ref_cache = KVCache(cfg, max_tokens=16384, block_size=16)
+    ref_cache.pool = cache.pool.clone()
+    ref_attn = AttentionBatch.with_cache(ref_cache, [r.seq for r in attn.rows], [1] * len(histories))
+    ref_attn.sliding_window = window
+    saved = torch.get_num_threads()
+    for threads in (1, 2, 4):  # how many chunks depends on the threads
+        torch.set_num_threads(threads)
+        try:
+            got = attend(attn, 0, q, k, v)
+        finally:
+            torch.set_num_threads(saved)
+        torch.testing.assert_close(got, attend_reference(ref_attn, 0, q, k, v), atol=2e-5, rtol=1e-5)
+
+
 def test_bad_metadata_is_an_error_not_a_wild_read():
     cfg = config(4, 2, 16)
     cache, attn, q, _, _ = decode_batch(cfg, [5, 9], 4, seed=0)

@@ -7,6 +7,9 @@
 // The reference is runtime/nn/attention.py::attend_reference (explicit softmax per row), and
 // SDPA over the gathered keys is what the Python path ran before (tests/nn/test_native.py).
 // Work is split over (row, kv head) pairs; each pair's query heads share one read of the keys.
+// When the pairs are too few to keep the threads busy (one long stream: 3 pairs for SmolLM2),
+// each pair's keys are also split into chunks whose partial softmaxes merge by their maxima
+// (flash-decoding's split-K).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -23,6 +26,8 @@ namespace quiver {
 namespace {
 
 constexpr int64_t kTile = 4;  // keys per step of the vector loops
+constexpr int64_t kMinChunk = 128;  // fewest keys a split-off chunk of one row gets
+constexpr int64_t kTasksPerThread = 4;  // split rows' keys until there are this many tasks a thread
 
 #if defined(__AVX512F__)
 // Four sums of 16-lane vectors -> one 4-lane vector [sum(a0), sum(a1), sum(a2), sum(a3)].
@@ -102,49 +107,107 @@ at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& pool, 
   float* op = out.data_ptr<float>();
   const int64_t row_stride = Hkv * hd;  // between consecutive token rows of one block
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // Keys i0..i1-1 of row b (counted from its first visible key) for kv head g: per query head
+  // h, acc[h] = sum_i exp(s_i - m[h]) v_i with m[h] = max_i s_i and l[h] = sum_i exp(s_i - m[h]).
+  auto attend_keys = [&](int64_t b, int64_t g, int64_t i0, int64_t i1, float* acc, float* m,
+                         float* l, std::vector<float>& scores) {
+    const int64_t lo = lop[b], n = i1 - i0;
+    const float* qg = qp + (b * H + g * group) * hd;  // this kv head's query heads
+    auto row = [&](const float* base, int64_t i) {  // key / value i0 + i of this row and kv head
+      const int64_t pos = lo + i0 + i;
+      return base + (tp[b * nb + pos / bs] * bs + pos % bs) * row_stride + g * hd;
+    };
+    scores.assign(group * n, 0.0f);
+    const float* kv[kTile];
+    for (int64_t i = 0; i < n; i += kTile) {  // scores: each key read once for the whole group
+      const int64_t t = std::min(kTile, n - i);
+      for (int64_t j = 0; j < kTile; ++j) kv[j] = row(kbase, i + std::min(j, t - 1));
+      float s4[kTile];
+      for (int64_t h = 0; h < group; ++h) {
+        dot4(qg + h * hd, kv, hd, s4);
+        for (int64_t j = 0; j < t; ++j) scores[h * n + i + j] = s4[j] * scale;
+      }
+    }
+    for (int64_t h = 0; h < group; ++h) {  // exp(s - max) per query head
+      float* sh = scores.data() + h * n;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sh[i]);
+      float sum = 0.0f;
+      for (int64_t i = 0; i < n; ++i) sum += (sh[i] = std::exp(sh[i] - mx));
+      m[h] = mx, l[h] = sum;
+    }
+    std::fill(acc, acc + group * hd, 0.0f);
+    for (int64_t i = 0; i < n; i += kTile) {  // acc = p @ V, each value row read once
+      const int64_t t = std::min(kTile, n - i);
+      for (int64_t j = 0; j < kTile; ++j) kv[j] = row(vbase, i + std::min(j, t - 1));
+      for (int64_t h = 0; h < group; ++h) {
+        float p4[kTile] = {0.0f, 0.0f, 0.0f, 0.0f};  // a short tile repeats its last row at p 0
+        for (int64_t j = 0; j < t; ++j) p4[j] = scores[h * n + i + j];
+        axpy4(acc + h * hd, p4, kv, hd);
+      }
+    }
+  };
+
+  // Few (row, kv head) pairs for the threads (one long stream): split each pair's keys into
+  // chunks of at least kMinChunk keys, attend the chunks in parallel, merge by their maxima.
+  const int64_t pairs = B * Hkv;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lp[b] - lop[b]);
+  const int64_t want = (kTasksPerThread * at::get_num_threads() + pairs - 1) / pairs;
+  const int64_t chunk = std::max(kMinChunk, (longest + want - 1) / want);
+  const int64_t chunks = (longest + chunk - 1) / chunk;
+
+  if (chunks <= 1) {
+    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores, m(group), l(group);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / Hkv, g = task % Hkv;
+        float* o = op + (b * H + g * group) * hd;
+        attend_keys(b, g, 0, lp[b] - lop[b], o, m.data(), l.data(), scores);
+        for (int64_t h = 0; h < group; ++h) {
+          const float inv = 1.0f / l[h];
+          for (int64_t d = 0; d < hd; ++d) o[h * hd + d] *= inv;
+        }
+      }
+    });
+    return out;
+  }
+  // partial[pair, chunk]: acc [group, hd], then m [group], l [group]
+  const int64_t stride = group * (hd + 2);
+  std::vector<float> partial(pairs * chunks * stride);
+  at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc(group * hd);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, g = task % Hkv;
-      const int64_t lo = lop[b], n = lp[b] - lo;
-      scores.assign(group * n, 0.0f);
-      const float* qg = qp + (b * H + g * group) * hd;  // this kv head's query heads
-      auto key_row = [&](const float* base, int64_t i) {  // key / value i of this row and kv head
-        const int64_t pos = lo + i;
-        return base + (tp[b * nb + pos / bs] * bs + pos % bs) * row_stride + g * hd;
-      };
-      const float* k[kTile];
-      const float* v[kTile];
-      for (int64_t i = 0; i < n; i += kTile) {  // scores: each key read once for the whole group
-        const int64_t m = std::min(kTile, n - i);
-        for (int64_t j = 0; j < kTile; ++j) k[j] = key_row(kbase, i + std::min(j, m - 1));
-        float s4[kTile];
-        for (int64_t h = 0; h < group; ++h) {
-          dot4(qg + h * hd, k, hd, s4);
-          for (int64_t j = 0; j < m; ++j) scores[h * n + i + j] = s4[j] * scale;
-        }
+      const int64_t pair = task / chunks, c = task % chunks, b = pair / Hkv, g = pair % Hkv;
+      float* p = partial.data() + task * stride;
+      const int64_t i0 = c * chunk, i1 = std::min(lp[b] - lop[b], i0 + chunk);
+      if (i0 >= i1) {  // this row has fewer keys than the longest: an empty chunk weighs 0
+        std::fill(p + group * hd, p + group * hd + group, -std::numeric_limits<float>::infinity());
+        std::fill(p + group * (hd + 1), p + stride, 0.0f);
+        continue;
       }
-      for (int64_t h = 0; h < group; ++h) {  // softmax per query head
-        float* s = scores.data() + h * n;
+      attend_keys(b, g, i0, i1, p, p + group * hd, p + group * (hd + 1), scores);
+    }
+  });
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t b = pair / Hkv, g = pair % Hkv;
+      const float* base = partial.data() + pair * chunks * stride;
+      for (int64_t h = 0; h < group; ++h) {
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n; ++i) mx = std::max(mx, s[i]);
-        float sum = 0.0f;
-        for (int64_t i = 0; i < n; ++i) sum += (s[i] = std::exp(s[i] - mx));
-        const float inv = 1.0f / sum;
-        for (int64_t i = 0; i < n; ++i) s[i] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t i = 0; i < n; i += kTile) {  // out = p @ V, each value row read once
-        const int64_t m = std::min(kTile, n - i);
-        for (int64_t j = 0; j < kTile; ++j) v[j] = key_row(vbase, i + std::min(j, m - 1));
-        for (int64_t h = 0; h < group; ++h) {
-          float p4[kTile] = {0.0f, 0.0f, 0.0f, 0.0f};  // a short tile repeats its last row at p 0
-          for (int64_t j = 0; j < m; ++j) p4[j] = scores[h * n + i + j];
-          axpy4(acc.data() + h * hd, p4, v, hd);
+        for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, base[c * stride + group * hd + h]);
+        float* o = op + (b * H + g * group + h) * hd;
+        std::fill(o, o + hd, 0.0f);
+        float total = 0.0f;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float* pc = base + c * stride;
+          const float w = std::exp(pc[group * hd + h] - mx);  // 0 for an empty chunk
+          total += w * pc[group * (hd + 1) + h];
+          for (int64_t d = 0; d < hd; ++d) o[d] += w * pc[h * hd + d];
         }
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
       }
-      std::copy(acc.begin(), acc.end(), op + (b * H + g * group) * hd);
     }
   });
   return out;
