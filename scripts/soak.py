@@ -452,6 +452,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the server allocates its whole KV budget at start-up (serve --kv-preallocate)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="serve --kv-cache-tokens (default its own)")
     p.add_argument("--no-prefix-cache", action="store_true", help="serve --no-prefix-cache")
+    p.add_argument("--trim-interval", type=float, default=None,
+                   help="seconds between the engine loop's malloc_trim (default its own; 0 = never)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -482,6 +484,8 @@ def run(argv=None) -> Report:
         make_adapters(base_cfg, tmp / "dyn", list(ADAPTER_KINDS), args.seed + 1)
         broken_ids = ["broken/0"]
         make_broken_adapter(tmp / "adapters", broken_ids[0])
+        if args.trim_interval is not None:
+            server.core.loop.trim_interval_s = args.trim_interval
         server.start()
         try:
             with QuiverClient(server.address, timeout=300) as client:

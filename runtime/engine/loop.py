@@ -9,12 +9,21 @@ steps run ~100 tokens/s from the main thread but ~55 from a second thread (the O
 team of a non-initial thread pays far more per parallel region). `start` steps on a thread of
 its own, for tests and embedding.
 
+Background work (`background`, optional): a callback(busy, step_s) -> bool run on the step
+thread after every step (busy=True, step_s = that step's wall time) and whenever the engine is
+idle (busy=False; True back = it did something, call again at once instead of sleeping). The
+fine-tuning scheduler (runtime/training/scheduler.py) runs its training slices there, so they
+never overlap an engine step and share the thread's OpenMP team; it decides itself how much of
+the time to take. A failing callback is logged and the loop goes on.
+
 The step thread never blocks on a client: each `RequestStream` buffers at most `max_buffered`
 Outputs, and beyond that folds new ones into the last (text concatenated, tokens appended), so a
 slow reader costs memory proportional to its text, never a stalled batch.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -75,10 +84,31 @@ class RequestStream:
             self._loop.engine.cancel(self.request_id)
 
 
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None elsewhere (musl, macOS): a no-op there."""
+    name = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
 class EngineLoop:
-    def __init__(self, engine: Engine, on_step=None, idle_wait_s: float = 0.05):
+    def __init__(self, engine: Engine, on_step=None, idle_wait_s: float = 0.05,
+                 trim_interval_s: float = 60.0):
         self.engine = engine
+        # glibc keeps the heap pages that freed tensors and messages leave behind, spread over
+        # its per-thread arenas, and resident memory creeps up under a long varied load (the
+        # soak, README); handing them back once a minute keeps it where warm-up left it.
+        # 0 = never.
+        self._trim = _malloc_trim()
+        self.trim_interval_s = trim_interval_s
+        self._last_trim = time.monotonic()
         self.on_step = on_step  # callback(StepStats) after every non-empty step (metrics)
+        self.background = None  # callback(busy, step_s) -> did work (module docstring)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Event()  # clear while `_run` steps, on whichever thread
@@ -138,9 +168,19 @@ class EngineLoop:
         finally:
             self._idle.set()
 
+    def _maybe_trim(self) -> None:
+        now = time.monotonic()
+        if self._trim is not None and self.trim_interval_s > 0 and now - self._last_trim >= self.trim_interval_s:
+            self._trim(0)
+            self._last_trim = time.monotonic()
+            log.debug("malloc_trim took %.1f ms", (self._last_trim - now) * 1e3)
+
     def _steps(self) -> None:
         while not self._stop.is_set():
+            self._maybe_trim()
             if not self.engine.has_work():
+                if self._background(False, 0.0):
+                    continue
                 self._wake.wait(self._idle_wait)
                 self._wake.clear()
                 continue
@@ -152,6 +192,16 @@ class EngineLoop:
                 continue
             if self.on_step is not None and stats.rows:
                 self.on_step(stats)
+            self._background(True, stats.duration_s)
+
+    def _background(self, busy: bool, step_s: float) -> bool:
+        if self.background is None:
+            return False
+        try:
+            return bool(self.background(busy, step_s))
+        except Exception:  # noqa: BLE001 - background work must not stop serving
+            log.exception("background work on the engine thread failed")
+            return False
 
 
 def _tee(first, second):
