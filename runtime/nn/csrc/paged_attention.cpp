@@ -28,6 +28,7 @@ namespace {
 constexpr int64_t kTile = 4;  // keys per step of the vector loops
 constexpr int64_t kMinChunk = 128;  // fewest keys a split-off chunk of one row gets
 constexpr int64_t kTasksPerThread = 4;  // split rows' keys until there are this many tasks a thread
+constexpr int64_t kMinParallelWork = 1 << 16;  // multiply-adds (keys x heads x hd) worth a thread
 
 #if defined(__AVX512F__)
 // Four sums of 16-lane vectors -> one 4-lane vector [sum(a0), sum(a1), sum(a2), sum(a3)].
@@ -157,8 +158,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& pool, 
   const int64_t chunk = std::max(kMinChunk, (longest + want - 1) / want);
   const int64_t chunks = (longest + chunk - 1) / chunk;
 
+  // Pairs per thread at least: a parallel region costs microseconds, and on a machine whose
+  // cores are shared each one waits for the slowest thread, so small work stays on one.
+  const int64_t work = std::max<int64_t>(1, longest * group * hd);
+  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / work);
   if (chunks <= 1) {
-    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scores, m(group), l(group);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / Hkv, g = task % Hkv;
@@ -189,7 +194,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& pool, 
       attend_keys(b, g, i0, i1, p, p + group * hd, p + group * (hd + 1), scores);
     }
   });
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pairs, std::max<int64_t>(1, kMinParallelWork / (chunks * group * hd)),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t b = pair / Hkv, g = pair % Hkv;
       const float* base = partial.data() + pair * chunks * stride;
