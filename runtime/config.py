@@ -237,6 +237,16 @@ class ServerConfig:
     kv_preallocate: bool = False
     max_queue: int = 512  # waiting requests; beyond it Generate is RESOURCE_EXHAUSTED
     max_new_tokens: int = 4096  # cap per request
+    # ---- fine-tuning jobs (runtime/training; README "Fine-tuning in the server")
+    #: files, job state (SQLite) and checkpoints; None = the fine-tuning routes are off (an
+    #: embedded server writes nowhere it was not told to); `quiver serve` defaults it under
+    #: $QUIVER_HOME
+    data_dir: str | None = None
+    train_share: float = 0.3  # at most this share of engine time trains while requests wait
+    max_file_bytes: int = 64 * 1024 * 1024  # one uploaded training file
+    max_file_rows: int = 100_000
+    max_train_epochs: int = 50
+    max_train_seq_len: int = 2048
     # ---- lifecycle and metrics
     grace_period_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
     metrics_max_adapter_labels: int = 64
@@ -261,6 +271,11 @@ class ServerConfig:
             raise ValueError("--threads must be >= 1")
         if self.max_queue < 0 or self.grace_period_s < 0:
             raise ValueError("--max-queue and --grace-period must be >= 0")
+        if not 0.0 < self.train_share <= 1.0:
+            raise ValueError("--train-share must be in (0, 1]")
+        for name in ("max_file_bytes", "max_file_rows", "max_train_epochs", "max_train_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.preload and not self.adapter_dir:
             raise ValueError("--preload needs --adapter-dir (ids are read from <adapter-dir>/<id>)")
         self._check_security()

@@ -52,12 +52,16 @@ CHECKPOINTS = "checkpoints"
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, base: LoadedBase | None = None, resident: bool = False):
+    def __init__(self, config: TrainConfig, base: LoadedBase | None = None, resident: bool = False,
+                 examples: tuple[list, list] | None = None):
         """`base`: an already loaded base model to train on (it is restored by `cleanup`).
-        `resident`: `base` is a serving model; torch's thread settings are left alone."""
+        `resident`: `base` is a serving model; torch's thread settings are left alone.
+        `examples`: (train, eval) already tokenized from config.data / eval_data (a server
+        tokenizes off its engine thread), instead of reading them in `setup`."""
         self.cfg = config
         self.base = base
         self.resident = resident
+        self._examples = examples
         self.method = None
         self.last_loss: float | None = None
         self._attached = False
@@ -77,10 +81,7 @@ class Trainer:
         if self.base is None:
             self.base = load_base(cfg.model, cfg.quantize, cfg.dtype, cfg.device, training=True)
         self.model, self.device = self.base.model, self.base.device
-        eos = next(iter(self.base.config.eos_token_ids), None)
-        self.train_examples = load_examples(cfg.data, self.base.tokenizer, cfg.max_seq_len, eos)
-        self.eval_examples = (load_examples(cfg.eval_data, self.base.tokenizer, cfg.max_seq_len, eos)
-                              if cfg.eval_data else [])
+        self.train_examples, self.eval_examples = self._examples or read_examples(cfg, self.base)
         self.schedule = Schedule(len(self.train_examples), cfg.batch_size, cfg.grad_accum, cfg.seed)
         self.total_steps = self.schedule.total_steps(cfg.epochs, cfg.max_steps)
         self.method = build_method(cfg, self.model, self.base.tokenizer, self.total_steps)
@@ -292,6 +293,14 @@ class Trainer:
         if self.method is not None and self.base is not None:
             self.detach()
         self.method = None
+
+
+def read_examples(cfg: TrainConfig, base: LoadedBase) -> tuple[list, list]:
+    """(train, eval) examples of cfg.data / cfg.eval_data, tokenized by the base's tokenizer."""
+    eos = next(iter(base.config.eos_token_ids), None)
+    train = load_examples(cfg.data, base.tokenizer, cfg.max_seq_len, eos)
+    evals = load_examples(cfg.eval_data, base.tokenizer, cfg.max_seq_len, eos) if cfg.eval_data else []
+    return train, evals
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter],

@@ -47,13 +47,15 @@ from runtime.server import auth, tls
 from runtime.server.core import Core
 from runtime.server.metrics import Metrics
 from runtime.server.servicers import AdaptersServicer, GenerationServicer
-from runtime.server.stubs import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from runtime.server.stubs import (adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc,
+                                  training_pb2, training_pb2_grpc)
 from runtime.server.wire import DecodeGuard
 
 log = logging.getLogger(__name__)
 
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 ADAPTERS_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name
+TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["Training"].full_name
 #: gauges (adapters resident, running / waiting, KV usage) are refreshed at least this often
 GAUGE_REFRESH_S = 1.0
 #: HTTP/2 keepalive: a peer that vanished without closing its connection (a crashed client, a
@@ -88,9 +90,23 @@ def build_server(cfg: ServerConfig, base: LoadedBase | None = None,
     registry.on_evict = core.on_adapter_evicted
     metrics.set_base(base.describe(), base.model.base_bytes())
     metrics.lora_state(registry.num_slots, set(), set())  # the series exists before any request
-    guard = auth.AuthInterceptor(auth.rules_for(cfg.host, cfg.admin_token, cfg.api_token),
-                                 on_refused=metrics.auth_refused)
+    core.training = _training(cfg, core, loop)
+    rules = auth.rules_for(cfg.host, cfg.admin_token, cfg.api_token)
+    rules[TRAINING_SERVICE] = rules[auth.ADAPTERS_SERVICE]  # training is an admin surface too
+    guard = auth.AuthInterceptor(rules, on_refused=metrics.auth_refused)
     return QuiverServer(cfg, core, (guard, *interceptors, DecodeGuard()), credentials)
+
+
+def _training(cfg: ServerConfig, core: Core, loop: EngineLoop):
+    """Fine-tuning jobs (runtime/training) when --data-dir is set: their scheduler becomes the
+    engine loop's background work, so training slices run between engine steps."""
+    if cfg.data_dir is None:
+        return None
+    from runtime.training.service import TrainingService
+
+    service = TrainingService.build(cfg, core, cfg.served_model_name or core.model_info()["model"])
+    loop.background = service.scheduler
+    return service
 
 
 def host_port(host: str, port: int) -> str:
@@ -146,7 +162,7 @@ class QuiverServer:
             self.http_port = self._http.port
         self._refresher = threading.Thread(target=self._refresh_gauges, name="quiver-gauges", daemon=True)
         self._refresher.start()
-        for service in ("", GENERATION_SERVICE, ADAPTERS_SERVICE):
+        for service in ("", GENERATION_SERVICE, ADAPTERS_SERVICE, *self._training_services()):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s (%s)", self.address, "TLS" if self.credentials else "plaintext")
         return self
@@ -175,10 +191,18 @@ class QuiverServer:
         )
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.core), server)
         adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self.core), server)
+        if self.core.training is not None:
+            from runtime.server.training_servicer import TrainingServicer
+
+            training_pb2_grpc.add_TrainingServicer_to_server(TrainingServicer(self.core.training), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (GENERATION_SERVICE, ADAPTERS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (GENERATION_SERVICE, ADAPTERS_SERVICE, *self._training_services(), health.SERVICE_NAME,
+             reflection.SERVICE_NAME), server)
         return server
+
+    def _training_services(self) -> tuple[str, ...]:
+        return (TRAINING_SERVICE,) if self.core.training is not None else ()
 
     def _refresh_gauges(self) -> None:
         dirty = self.core.gauges_dirty
@@ -214,6 +238,8 @@ class QuiverServer:
             self.core.loop.drain(2.0)  # let cancellations of what was left reach the engine
             self.core.loop.stop()
             self.core.loader.shutdown()
+            if self.core.training is not None:
+                self.core.training.close()
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
             self.core.gauges_dirty.set()

@@ -42,6 +42,8 @@ OUTCOMES = ("ok", "cancelled", "error", "rejected")
 STATES = ("host", "device", "loading")
 #: "unknown": an adapter still loading (its config is not read yet).
 TYPES = ("lora", "dora", "adalora", "prompt_tuning", "p_tuning", "prefix_tuning", "unknown")
+#: OpenAI's fine-tuning job statuses (quiver_training_jobs{status})
+TRAINING_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 #: "missing": the adapter directory disappeared while it was being read.
 LOAD_FAILURE_REASONS = ("format", "path", "missing", "io", "busy", "other")
 
@@ -135,6 +137,7 @@ class Metrics:
                                       "Calls refused by access control (missing / wrong token)",
                                       ("service", "code"), registry=r)
         self._vllm(r)
+        self._training(r)
         self.base_info = Info("quiver_base_model", "The base model served", registry=r)
         self.base_bytes = Gauge("quiver_base_model_bytes", "Resident bytes of the base model",
                                 ("part",), registry=r)
@@ -152,7 +155,28 @@ class Metrics:
         self._lora_labels: tuple[str, str, str] | None = None
         self._lora_lock = threading.Lock()
 
+    def _training(self, r: CollectorRegistry) -> None:
+        """Fine-tuning jobs inside the server (runtime/training)."""
+        self.training_job_count = Gauge("quiver_training_jobs", "Fine-tuning jobs by status",
+                                        ("status",), registry=r)
+        for status in TRAINING_STATUSES:
+            self.training_job_count.labels(status)
+        self.training_tokens = PCounter("quiver_training_tokens_total",
+                                        "Tokens trained on by fine-tuning jobs", registry=r)
+        self.training_step_seconds = Histogram("quiver_training_step_seconds",
+                                               "Wall time of one training slice (one optimizer step)",
+                                               buckets=LATENCY_BUCKETS, registry=r)
+
     # ---- recorders -------------------------------------------------------------------------
+    def training_jobs(self, counts: dict[str, int]) -> None:
+        """counts[status] -> jobs; statuses absent are 0."""
+        for status in TRAINING_STATUSES:
+            self.training_job_count.labels(status).set(counts.get(status, 0))
+
+    def training_step(self, seconds: float, tokens: int) -> None:
+        self.training_step_seconds.observe(seconds)
+        self.training_tokens.inc(tokens)
+
     def request_done(self, adapter_id: str | None, outcome: str, prompt_tokens: int, generated: int,
                      ttft_s: float | None, duration_s: float, queue_s: float | None) -> None:
         label = self.label(adapter_id)

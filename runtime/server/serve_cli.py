@@ -68,6 +68,21 @@ def add_parser(sub) -> None:
                     help=f"waiting requests before RESOURCE_EXHAUSTED (default {d.max_queue}; 0 = no cap)")
     en.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                     help=f"cap on a request's max_new_tokens (default {d.max_new_tokens})")
+    ft = p.add_argument_group("fine-tuning jobs (README \"Fine-tuning in the server\")")
+    ft.add_argument("--data-dir", default=None, metavar="DIR",
+                    help="uploaded files, job state and checkpoints (default: $QUIVER_HOME/data, "
+                         "i.e. ~/.cache/quiver/data)")
+    ft.add_argument("--train-share", type=float, default=d.train_share,
+                    help=f"largest share of engine time a job trains while requests wait (default "
+                         f"{d.train_share}; with no traffic it takes all of it)")
+    ft.add_argument("--max-file-bytes", type=int, default=d.max_file_bytes,
+                    help=f"largest uploaded training file (default {d.max_file_bytes})")
+    ft.add_argument("--max-file-rows", type=int, default=d.max_file_rows,
+                    help=f"most rows in one training file (default {d.max_file_rows})")
+    ft.add_argument("--max-train-epochs", type=int, default=d.max_train_epochs,
+                    help=f"largest n_epochs a job may ask for (default {d.max_train_epochs})")
+    ft.add_argument("--max-train-seq-len", type=int, default=d.max_train_seq_len,
+                    help=f"largest max_seq_len a job may ask for (default {d.max_train_seq_len})")
     sec = p.add_argument_group("security and limits (README \"Security and limits\")")
     sec.add_argument("--admin-token", default=None, metavar="TOKEN",
                      help="bearer token the Adapters service requires (default: env "
@@ -111,6 +126,9 @@ def config_from_args(args: argparse.Namespace):
         kv_cache_tokens=args.kv_cache_tokens, prefix_cache=args.prefix_cache,
         kv_preallocate=args.kv_preallocate, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, grace_period_s=args.grace_period,
+        data_dir=args.data_dir or _default_data_dir(), train_share=args.train_share,
+        max_file_bytes=args.max_file_bytes, max_file_rows=args.max_file_rows,
+        max_train_epochs=args.max_train_epochs, max_train_seq_len=args.max_train_seq_len,
         metrics_max_adapter_labels=args.metrics_max_adapter_labels,
         admin_token=args.admin_token or os.environ.get("QUIVER_ADMIN_TOKEN"),
         api_token=args.api_token or os.environ.get("QUIVER_API_TOKEN"),
@@ -167,3 +185,9 @@ def _install_signal_handlers(server) -> threading.Event:
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
     return stop
+
+
+def _default_data_dir() -> str:
+    from runtime.models.embedded import quiver_home
+
+    return str(quiver_home() / "data")

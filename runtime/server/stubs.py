@@ -14,9 +14,10 @@ if (build_proto.PROTO_ROOT / build_proto.PROTO_PACKAGE).is_dir():
 
 try:
     from runtime.server.pb.quiver.v1 import (adapters_pb2, adapters_pb2_grpc, generation_pb2,
-                                             generation_pb2_grpc)
+                                             generation_pb2_grpc, training_pb2, training_pb2_grpc)
 except ModuleNotFoundError as e:  # pragma: no cover - an install without built stubs
     raise ImportError("Quiver's gRPC stubs are missing: run `python -m runtime.server.build_proto` "
                       "in the source tree before installing") from e
 
-__all__ = ["adapters_pb2", "adapters_pb2_grpc", "generation_pb2", "generation_pb2_grpc"]
+__all__ = ["adapters_pb2", "adapters_pb2_grpc", "generation_pb2", "generation_pb2_grpc", "training_pb2",
+           "training_pb2_grpc"]

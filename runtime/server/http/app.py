@@ -27,7 +27,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from runtime.server.core import Core
-from runtime.server.http import errors
+from runtime.server.http import errors, finetune
 from runtime.server.http.routes import HttpContext, build_router
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def make_app(ctx: HttpContext) -> FastAPI:
     app = FastAPI(title="Quiver", docs_url=None, redoc_url=None, openapi_url=None)
     errors.install(app)
     app.include_router(build_router(ctx))
+    app.include_router(finetune.build_router(ctx))  # Files + Fine-tuning (runtime/training)
     return app
 
 

@@ -1,0 +1,258 @@
+"""The engine loop's background work: fine-tuning jobs, one at a time, between engine steps.
+
+    EngineLoop (runtime/engine/loop.py) calls  scheduler(busy, step_s) -> did work
+        after every engine step (busy=True, step_s = that step's wall time) and whenever the
+        engine is idle (busy=False); every call runs on the engine thread.
+
+A call does at most one of: pick up the next queued job (its files are tokenized on a helper
+thread, the `validating_files` phase, so the engine never waits on that), start a prepared job
+(adapter + optimizer built, or restored from the job's last checkpoint), run one training slice
+(one optimizer step), or finish a job (export, publish, record). Which job: the oldest pending
+one in SQLite; a restarted server picks its running job up again and resumes it.
+
+Time share (`TimeShare`): while requests are waiting or running, training may take at most
+--train-share of the engine thread's time. Every serving step earns training credit
+`step_s * share / (1 - share)`; a slice runs only with credit left and spends what it took. With
+no traffic a slice runs whenever asked, and the credit is reset, so a request that arrives waits
+for at most the one slice in flight and is then served first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from runtime.training.slices import ResidentRun, latest_checkpoint
+from runtime.training.state import FINAL, State
+from trainer.config import TrainConfig
+from trainer.loop import read_examples
+
+log = logging.getLogger(__name__)
+
+#: seconds the engine thread waits for a finished adapter to be read back into the registry
+PUBLISH_TIMEOUT_S = 60.0
+
+
+class TimeShare:
+    """Training's share of engine time while requests wait (module docstring)."""
+
+    def __init__(self, share: float, max_credit_s: float = 1.0):
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"--train-share must be in (0, 1], not {share}")
+        self.share, self.max_credit = share, max_credit_s
+        self.credit = 0.0
+
+    def served(self, step_s: float) -> None:
+        if self.share >= 1.0:
+            self.credit = self.max_credit
+            return
+        self.credit = min(self.max_credit, self.credit + step_s * self.share / (1.0 - self.share))
+
+    def may_train(self, busy: bool) -> bool:
+        return not busy or self.credit > 0.0
+
+    def trained(self, busy: bool, seconds: float) -> None:
+        self.credit = self.credit - seconds if busy else 0.0
+
+
+@dataclass
+class Active:
+    """The job the engine thread is working on."""
+
+    job_id: str
+    fine_tuned_model: str
+    cfg: TrainConfig
+    prep: Future | None = None  # (train, eval) examples being tokenized
+    run: ResidentRun | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class TrainingScheduler:
+    def __init__(self, state: State, base, base_id: str, tok_lock: threading.Lock, publish,
+                 share: float, metrics=None):
+        """publish(adapter_id, directory): make a finished adapter servable (register it)."""
+        self.state, self.base, self.base_id = state, base, base_id
+        self.tok_lock, self.publish, self.metrics = tok_lock, publish, metrics
+        self.share = TimeShare(share)
+        self.active: Active | None = None
+        self.kick = threading.Event()  # set when a job may be waiting (created, restart)
+        self.kick.set()
+        self._lock = threading.Lock()  # final transitions vs. a cancel from an API thread
+        self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quiver-train-prep")
+
+    # ---- the EngineLoop hook (engine thread) ------------------------------------------------
+    def __call__(self, busy: bool, step_s: float) -> bool:
+        if busy:
+            self.share.served(step_s)
+        a = self.active
+        if a is None:
+            return self._pick() if self.kick.is_set() else False
+        if a.cancelled.is_set():
+            self._drop(a)
+            return True
+        try:
+            if a.run is None:
+                return self._start(a)
+            if a.run.done:
+                self._complete(a)
+                return True
+            if not self.share.may_train(busy):
+                return False
+            t0 = time.perf_counter()
+            self._slice(a)
+            self.share.trained(busy, time.perf_counter() - t0)
+            return True
+        except Exception as e:  # noqa: BLE001 - a failed job fails alone; the server serves on
+            log.exception("fine-tuning job %s failed", a.job_id)
+            self._fail(a, "training_failed", f"{type(e).__name__}: {e}")
+            return True
+
+    def _pick(self) -> bool:
+        self.kick.clear()
+        pending = self.state.pending_jobs()
+        if not pending:
+            return False
+        job = pending[0]
+        cfg = TrainConfig.from_dict(job["spec"]["train_config"])
+        a = Active(job["id"], job["spec"]["adapter_id"], cfg)
+        with self._lock:
+            if self.state.job(a.job_id)["status"] in FINAL:  # cancelled since the query
+                self.kick.set()
+                return True
+            self.active = a
+            self.state.update_job(a.job_id, ("Validating training file: " + job["training_file"], "info",
+                                             "message", None), status="validating_files")
+        self._count()
+        a.prep = self._prep_pool.submit(self._tokenize, cfg)
+        return True
+
+    def _tokenize(self, cfg: TrainConfig) -> tuple[list, list]:  # helper thread
+        with self.tok_lock:  # the Core's: the shared Rust tokenizer is not re-entrant
+            return read_examples(cfg, self.base)
+
+    def _start(self, a: Active) -> bool:
+        if not a.prep.done():
+            return False
+        try:
+            examples = a.prep.result()
+        except ValueError as e:  # trainer.data.DataError: names the file's line
+            self._fail(a, "invalid_training_file", _file_message(str(e), a.cfg))
+            return True
+        checkpoint = latest_checkpoint(a.cfg.output)
+        cfg = replace(a.cfg, resume=str(checkpoint)) if checkpoint else a.cfg
+        run = ResidentRun(cfg, self.base, examples)
+        run.setup()
+        a.run = run
+        message = (f"Fine-tuning job resumed from its checkpoint at step {run.step} of {run.total_steps}"
+                   if checkpoint else f"Fine-tuning job started: {run.total_steps} steps over "
+                                      f"{len(examples[0])} examples")
+        with self._lock:
+            if not a.cancelled.is_set():
+                self.state.update_job(a.job_id, (message, "info", "message", None), status="running",
+                                      started_at=int(time.time()))
+        self._count()
+        return True
+
+    def _slice(self, a: Active) -> None:
+        t0 = time.perf_counter()
+        loss, tokens = a.run.advance()
+        seconds = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.training_step(seconds, tokens)
+        run = a.run
+        data = {"step": run.step, "total_steps": run.total_steps, "train_loss": round(loss, 6),
+                "tokens": tokens, "seconds": round(seconds, 4)}
+        self.state.update_job(a.job_id, (f"Step {run.step}/{run.total_steps}: training loss={loss:.4f}",
+                                         "info", "metrics", data),
+                              trained_tokens=run.trainer.summary.tokens)
+        if run.cfg.save_every and run.step % run.cfg.save_every == 0:
+            path = Path(run.cfg.output) / "checkpoints" / f"step-{run.step:06d}"
+            self.state.add_checkpoint(a.job_id, run.step, {"step": run.step, "train_loss": loss},
+                                      str(path), f"Checkpoint saved at step {run.step}")
+
+    def _complete(self, a: Active) -> None:
+        """Export the adapter into the store under its final name, register it, record it."""
+        root = self.adapter_root
+        final = root / a.fine_tuned_model
+        tmp = root / f".ft-{a.job_id}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        a.run.finish(tmp)
+        with self._lock:
+            if a.cancelled.is_set():
+                shutil.rmtree(tmp, ignore_errors=True)
+                self._drop(a)
+                return
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():  # a restart redid the last steps: same adapter, written again
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self.publish(a.fine_tuned_model, final)
+            summary = a.run.trainer.summary
+            self.state.update_job(
+                a.job_id, ("The job has successfully completed", "info", "message",
+                           {"fine_tuned_model": a.fine_tuned_model}),
+                status="succeeded", fine_tuned_model=a.fine_tuned_model, trained_tokens=summary.tokens,
+                finished_at=int(time.time()))
+            self._close(a)
+
+    # ---- endings ----------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> str | None:
+        """Any thread: mark the job cancelled (and let the engine thread free what it holds at
+        its next call); returns the status it had if that was final already (nothing done)."""
+        with self._lock:
+            status = self.state.job(job_id)["status"]
+            if status in FINAL:
+                return status
+            self.state.update_job(job_id, ("Fine-tuning job cancelled", "info", "message", None),
+                                  status="cancelled", finished_at=int(time.time()))
+            a = self.active
+            if a is not None and a.job_id == job_id:
+                a.cancelled.set()
+        self._count()
+        return None
+
+    def _drop(self, a: Active) -> None:
+        """A cancelled job: everything it held is let go (its state row says cancelled already)."""
+        self._close(a)
+
+    def _fail(self, a: Active, code: str, message: str) -> None:
+        with self._lock:
+            if not a.cancelled.is_set():
+                self.state.update_job(a.job_id, (f"Fine-tuning job failed: {message}", "error", "message", None),
+                                      status="failed", error={"code": code, "message": message, "param": None},
+                                      finished_at=int(time.time()))
+            self._close(a)
+
+    def _close(self, a: Active) -> None:
+        if a.run is not None:
+            a.run.close()
+            a.run = None
+        if a.prep is not None:
+            a.prep.cancel()
+        self.active = None
+        self.kick.set()  # the next job, if any
+        self._count()
+
+    def _count(self) -> None:
+        if self.metrics is not None:
+            self.metrics.training_jobs(self.state.job_counts())
+
+    @property
+    def adapter_root(self) -> Path:
+        return self.publish.root  # the Publisher's (service.py)
+
+    def shutdown(self) -> None:
+        self._prep_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _file_message(message: str, cfg: TrainConfig) -> str:
+    """A data error as the client knows the file: its stored path becomes 'training file'."""
+    for path, name in ((cfg.data, "training file"), (cfg.eval_data, "validation file")):
+        if path:
+            message = message.replace(path, name)
+    return message
