@@ -8,6 +8,7 @@ interceptor before this runs (app.py gives Training the Adapters rule).
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
 import grpc
@@ -19,31 +20,43 @@ from runtime.server.stubs import training_pb2_grpc
 from runtime.training.service import Conflict, FileTooLarge, NotFound, TrainingService
 from runtime.training.state import FINAL
 
+log = logging.getLogger(__name__)
+
 #: how often WatchJob looks for new events (they are rows in SQLite)
 WATCH_POLL_S = 0.25
 _DOMAIN = ((NotFound, grpc.StatusCode.NOT_FOUND), (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
            (FileTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED))
 
 
+def _abort(context: grpc.ServicerContext, error: Exception) -> None:
+    """The training domain's errors by _DOMAIN, the rest by the server's table (raises)."""
+    code = next((c for cls, c in _DOMAIN if isinstance(error, cls)), None)
+    if code is None:
+        code, message = errors.status_for(error)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("training request failed: %s", error, exc_info=error)
+    else:
+        message = str(error)
+    context.abort(code, message)
+
+
 def _unary(method):
-    @errors.unary
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except tuple(e for e, _ in _DOMAIN) as e:
-            context.abort(next(code for cls, code in _DOMAIN if isinstance(e, cls)), str(e))
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status
+            _abort(context, e)
     return wrapper
 
 
 def _stream(method):
-    @errors.stream
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
             yield from method(self, request, context)
-        except tuple(e for e, _ in _DOMAIN) as e:
-            context.abort(next(code for cls, code in _DOMAIN if isinstance(e, cls)), str(e))
+        except Exception as e:  # noqa: BLE001
+            _abort(context, e)
     return wrapper
 
 
