@@ -303,14 +303,16 @@ def scrape(metrics_port: int) -> dict[str, float]:
             if not s.labels}
 
 
-def warm_up(client, adapter_ids, args, tally, metrics_port) -> float:
-    """Every adapter once, then full traffic for args.warmup seconds; returns resident bytes."""
+def warm_up(client, adapter_ids, dyn_sources, broken_ids, args, tally, metrics_port) -> float:
+    """Every adapter once, then full traffic and churn for args.warmup seconds (every path the
+    soak takes, so that its first-use costs land before the reference); returns resident bytes."""
     for adapter_id in adapter_ids:
         client.generate("w5 w6", adapter_id, max_new_tokens=2)
     stop = threading.Event()
-    with ThreadPoolExecutor(args.streams) as pool:
+    with ThreadPoolExecutor(args.streams + 1) as pool:
         for k in range(args.streams):
             pool.submit(traffic, client, adapter_ids, args, tally, stop, args.seed * 100_003 + k)
+        pool.submit(churn, client, adapter_ids, dyn_sources, broken_ids, args, tally, stop)
         time.sleep(args.warmup)
         stop.set()
     return settled_rss(metrics_port)
@@ -393,7 +395,7 @@ def soak(client, metrics_port: int, adapter_ids, dyn_sources, broken_ids, args, 
     """Warm up, run traffic + churn for args.duration seconds, then check (module docstring)."""
     t0 = time.monotonic()
     tally = Tally()
-    rss_warm = warm_up(client, adapter_ids, args, tally, metrics_port)
+    rss_warm = warm_up(client, adapter_ids, dyn_sources, broken_ids, args, tally, metrics_port)
     memory = [sample_memory(metrics_port, t0)]
     log.warning("memory %s", memory_row(memory[0]))
     stop, peak = threading.Event(), [rss_warm]
@@ -452,8 +454,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the server allocates its whole KV budget at start-up (serve --kv-preallocate)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="serve --kv-cache-tokens (default its own)")
     p.add_argument("--no-prefix-cache", action="store_true", help="serve --no-prefix-cache")
-    p.add_argument("--trim-interval", type=float, default=None,
-                   help="seconds between the engine loop's malloc_trim (default its own; 0 = never)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -484,8 +484,6 @@ def run(argv=None) -> Report:
         make_adapters(base_cfg, tmp / "dyn", list(ADAPTER_KINDS), args.seed + 1)
         broken_ids = ["broken/0"]
         make_broken_adapter(tmp / "adapters", broken_ids[0])
-        if args.trim_interval is not None:
-            server.core.loop.trim_interval_s = args.trim_interval
         server.start()
         try:
             with QuiverClient(server.address, timeout=300) as client:

@@ -22,8 +22,6 @@ slow reader costs memory proportional to its text, never a stalled batch.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
 import time
@@ -84,29 +82,9 @@ class RequestStream:
             self._loop.engine.cancel(self.request_id)
 
 
-def _malloc_trim():
-    """glibc's `malloc_trim`, or None elsewhere (musl, macOS): a no-op there."""
-    name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
-    if fn is not None:
-        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
-
-
 class EngineLoop:
-    def __init__(self, engine: Engine, on_step=None, idle_wait_s: float = 0.05,
-                 trim_interval_s: float = 60.0):
+    def __init__(self, engine: Engine, on_step=None, idle_wait_s: float = 0.05):
         self.engine = engine
-        # glibc keeps the heap pages that freed tensors and messages leave behind, spread over
-        # its per-thread arenas, and resident memory creeps up under a long varied load (the
-        # soak, README); handing them back once a minute keeps it where warm-up left it.
-        # 0 = never.
-        self._trim = _malloc_trim()
-        self.trim_interval_s = trim_interval_s
-        self._last_trim = time.monotonic()
         self.on_step = on_step  # callback(StepStats) after every non-empty step (metrics)
         self.background = None  # callback(busy, step_s) -> did work (module docstring)
         self._wake = threading.Event()
@@ -168,16 +146,8 @@ class EngineLoop:
         finally:
             self._idle.set()
 
-    def _maybe_trim(self) -> None:
-        now = time.monotonic()
-        if self._trim is not None and self.trim_interval_s > 0 and now - self._last_trim >= self.trim_interval_s:
-            self._trim(0)
-            self._last_trim = time.monotonic()
-            log.debug("malloc_trim took %.1f ms", (self._last_trim - now) * 1e3)
-
     def _steps(self) -> None:
         while not self._stop.is_set():
-            self._maybe_trim()
             if not self.engine.has_work():
                 if self._background(False, 0.0):
                     continue
