@@ -85,9 +85,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
     def WatchJob(self, request, context):
         after = request.after or None
         while context.is_active():
-            ended = self.service.get_job(request.job_id)["status"] in FINAL
-            new = list(reversed(self.service.list_events(request.job_id, None, 100)[0]))
-            events = [e for e in new if after is None or e["id"] > after]
+            ended = self.service.get_job(request.job_id)["status"] in FINAL  # read before the events
+            events = self.service.events_since(request.job_id, after)
             for e in events:
                 yield event_to_pb(e)
                 after = e["id"]

@@ -127,7 +127,7 @@ class TrainingScheduler:
             self.active = a
             self.state.update_job(a.job_id, ("Validating training file: " + job["training_file"], "info",
                                              "message", None), status="validating_files")
-        self._count()
+        self.count_jobs()
         a.prep = self._prep_pool.submit(self._tokenize, cfg)
         return True
 
@@ -155,7 +155,7 @@ class TrainingScheduler:
             if not a.cancelled.is_set():
                 self.state.update_job(a.job_id, (message, "info", "message", None), status="running",
                                       started_at=int(time.time()))
-        self._count()
+        self.count_jobs()
         return True
 
     def _slice(self, a: Active) -> None:
@@ -213,7 +213,7 @@ class TrainingScheduler:
             a = self.active
             if a is not None and a.job_id == job_id:
                 a.cancelled.set()
-        self._count()
+        self.count_jobs()
         return None
 
     def _drop(self, a: Active) -> None:
@@ -236,9 +236,9 @@ class TrainingScheduler:
             a.prep.cancel()
         self.active = None
         self.kick.set()  # the next job, if any
-        self._count()
+        self.count_jobs()
 
-    def _count(self) -> None:
+    def count_jobs(self) -> None:
         if self.metrics is not None:
             self.metrics.training_jobs(self.state.job_counts())
 

@@ -92,7 +92,7 @@ class TrainingService:
                                       cfg.train_share, core.metrics)
         service = cls(data_dir, state, FileStore(data_dir, state, limits.files), scheduler, base_id, limits)
         service._register_finished(store.adapter_dir is None, core.loader)
-        scheduler._count()
+        scheduler.count_jobs()
         return service
 
     def _register_finished(self, needed: bool, loader) -> None:
@@ -151,7 +151,7 @@ class TrainingService:
                                                   "adapter_id": name})}
         self.state.add_job(row, f"Created fine-tuning job: {job_id}")
         self.scheduler.kick.set()
-        self.scheduler._count()
+        self.scheduler.count_jobs()
         return self.get_job(job_id)
 
     def _file_for(self, field: str, file_id: str) -> dict:
@@ -180,6 +180,11 @@ class TrainingService:
         rows = self.state.events(job_id, after, _limit(limit) + 1)
         return [{"object": "fine_tuning.job.event", **e} for e in rows[:_limit(limit)]], len(rows) > _limit(limit)
 
+    def events_since(self, job_id: str, after: str | None, limit: int = 100) -> list[dict]:
+        """Oldest first, after event id `after` (gRPC WatchJob)."""
+        self._job(job_id)
+        return [{"object": "fine_tuning.job.event", **e} for e in self.state.events_since(job_id, after, limit)]
+
     def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[dict], bool]:
         job = self._job(job_id)
         rows = self.state.checkpoints(job_id, after, _limit(limit) + 1)
@@ -198,7 +203,10 @@ class TrainingService:
         return self.get_job(job_id)
 
     def close(self) -> None:
+        """After the engine loop stopped: no slice runs any more. A running job stays `running`
+        in the state, and the next server resumes it."""
         self.scheduler.shutdown()
+        self.state.close()
 
 
 def _limit(limit: int) -> int:

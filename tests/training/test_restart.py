@@ -13,15 +13,21 @@ from safetensors.torch import load_file
 
 from tests.server.test_lifecycle import start_serve
 from tests.training.conftest import ADMIN, BASE_ID, jsonl, learn_rows, openai_for, start, wait_for
+from runtime.training.state import State
 from trainer import TrainConfig, train
 from trainer.loop import STATE_FILE
 
 LONG = {"n_epochs": 20, "batch_size": 1}  # 160 steps
 
 
+def _job(data, job_id: str) -> dict:
+    """The job's row, read from the data directory's database (the server has stopped)."""
+    return State(data / "quiver.db").job(job_id)
+
+
 def _uninterrupted(server, job_id: str, out) -> dict:
     """`quiver train` on the same base with the job's settings, after the server stopped."""
-    spec = server.core.training.state.job(job_id)["spec"]["train_config"]
+    spec = _job(server.core.training.data_dir, job_id)["spec"]["train_config"]
     path = train(TrainConfig.from_dict({**spec, "output": str(out), "save_every": 0}), base=server.core.base)
     return load_file(str(path / "adapter_model.safetensors"))
 
@@ -43,7 +49,7 @@ def test_stopped_mid_job_resumes_from_its_checkpoint(chat_model_dir, tmp_path):
             time.sleep(0.01)
     first.core.loop.stop()  # the engine thread ends after the slice in flight: mid-job
     first.shutdown(grace_s=1)
-    stopped = first.core.training.state.job(job.id)
+    stopped = _job(data, job.id)
     assert stopped["status"] == "running" and 10 <= stopped["trained_tokens"]
 
     second = start(chat_model_dir, data, adapters)
