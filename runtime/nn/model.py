@@ -190,7 +190,7 @@ class DecoderModel(nn.Module):
         self.head = LmHead(self.lm_head_weight)  # the output matmul's kernels (lm_head.py)
         self.kernels: dict[str, int] = {}  # kernel name -> projections running it
         self.head_kernel = str(dtype).removeprefix("torch.")
-        self.native: NativeDecode | None = None  # pure decode steps in C++ (native.py)
+        self.native: NativeDecode | None = None  # KV-cache steps' layers in C++ (native.py)
         self.embed_lora: EmbeddingLoraSlots | None = None
         self.num_slots, self.max_rank = 0, 0
         self._linears = {n: m for n, m in self.named_modules() if isinstance(m, AdaptedLinear)}

@@ -1,6 +1,6 @@
 """The pure-decode step's layers in C++ (csrc/decode_stack.cpp): the same ATen ops, without Python.
 
-    DecoderModel.forward, a step of decode rows only (LoRA rows included, DoRA not):
+    DecoderModel.forward, any step against the KV cache (LoRA rows included, DoRA not):
         x = embed(tokens); cos, sin = rotary(positions)          (Python, once per step)
         x = DecodeStack.forward(x, cos, sin, KV pool, ...)         (C++, every layer)
         logits = lm_head(norm(x))                                  (Python, once per step)
@@ -118,11 +118,12 @@ class NativeDecode:
 
     @staticmethod
     def takes(attn, adapters) -> bool:
-        """A step of decode rows only (attention.py's `all_decode`), against the KV cache, whose
-        LoRA rows (if any) take the runs or slab path without DoRA. Embedding LoRA is applied
-        before the layers and prompt / prefix tuning live in the cache: both are fine."""
-        if not attn.all_decode or attn.capture is not None or attn.decode_lens is None:
-            return False  # decode_lens: the paged attention metadata (fp32 CPU cache)
+        """A step against the KV cache (decode rows, prefill chunks or both) on a CPU fp32 pool
+        (the paged decode kernel), whose LoRA rows (if any) take the runs or slab path without
+        DoRA. Embedding LoRA is applied before the layers and prompt / prefix tuning live in the
+        cache: both are fine. Not the prompt-tuning KV precompute (`capture`)."""
+        if attn.cache is None or attn.capture is not None or paged_attention(attn.cache) is None:
+            return False
         if adapters is None or not adapters.has_lora:
             return True
         return not adapters.any_dora and adapters.path in LORA_PATHS
@@ -130,8 +131,23 @@ class NativeDecode:
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn,
                  adapters=None) -> torch.Tensor:
         # x [T, hidden] -> [T, hidden] after the last layer (the cache written as the modules do)
-        return self.stack.forward(x, cos, sin, attn.cache.pool, attn.write_index, attn.decode_table,
-                                  attn.decode_lens, attn.decode_los, *_lora_args(adapters))
+        return self.stack.forward(x, cos, sin, attn.cache.pool, attn.write_index,
+                                  *_attention_args(attn), *_lora_args(adapters))
+
+
+def _attention_args(attn) -> tuple:
+    """The step's AttentionBatch as the stack's arguments: the decode group (paged kernel) and
+    each looped row's block table and causal mask, made once per step (attention.py makes
+    them per layer; the same values)."""
+    from runtime.nn.attention import causal_mask
+
+    rows = attn.looped_rows
+    dev = attn.cache.device
+    tables = [torch.tensor([r.seq.blocks], device=dev) for r in rows]
+    masks = [causal_mask(r.q_len, r.kv_len, attn.sliding_window, dev) for r in rows]
+    decode_tokens = None if attn.all_decode else attn.decode_tokens
+    return (decode_tokens, attn.decode_table, attn.decode_lens, attn.decode_los,
+            [r.q_start for r in rows], [r.q_len for r in rows], [r.kv_len for r in rows], tables, masks)
 
 
 def _lora_args(ab) -> tuple:

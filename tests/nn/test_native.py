@@ -52,18 +52,21 @@ def _hf_with(base: str, extra: dict):
         del conftest.VARIANTS["_tmp"]
 
 
-def decode_state(model: DecoderModel, histories: list[int], interleave: bool, seed: int = 0):
-    """A cache holding random keys for sequences of `histories` rows, room for one more each.
+def decode_state(model: DecoderModel, histories: list[int], interleave: bool, seed: int = 0,
+                 q_lens: list[int] | None = None):
+    """A cache holding random keys for sequences of `histories` rows, room for q_lens[i] more
+    each (default one: a decode step; more: a prefill chunk continuing that history).
     interleave: blocks handed out round-robin (block tables), else each sequence's blocks in one
     run (a lone row's keys are then a view of the pool)."""
     g = torch.Generator().manual_seed(seed)
+    q_lens = q_lens or [1] * len(histories)
     cache = KVCache(model.cfg, max_tokens=4096, block_size=4, dtype=model.dtype)
     seqs = [SeqCache() for _ in histories]
     if interleave:
         spacer = SeqCache()  # takes a block after each block handed out: no table is a run
-        for step in range(max(histories) + 1):
-            for s, n in zip(seqs, histories):
-                if step <= n:
+        for step in range(max(n + q for n, q in zip(histories, q_lens))):
+            for s, n, q in zip(seqs, histories, q_lens):
+                if step < n + q:
                     had = len(s.blocks)
                     cache.reserve(s, 1)
                     s.length += 1
@@ -73,20 +76,21 @@ def decode_state(model: DecoderModel, histories: list[int], interleave: bool, se
         for s, n in zip(seqs, histories):
             s.length = n
     else:
-        for s, n in zip(seqs, histories):
-            cache.reserve(s, n + 1)
+        for s, n, q in zip(seqs, histories, q_lens):
+            cache.reserve(s, n + q)
             s.length = n
     cache.pool.copy_(torch.randn(cache.pool.shape, generator=g) * 0.5)
-    tokens = torch.randint(0, model.cfg.vocab_size, (len(seqs),), generator=g)
-    positions = torch.tensor(histories)
+    tokens = torch.randint(0, model.cfg.vocab_size, (sum(q_lens),), generator=g)
+    positions = torch.cat([torch.arange(n, n + q) for n, q in zip(histories, q_lens)])
     return cache, seqs, tokens, positions
 
 
-def step(model: DecoderModel, cache, seqs, tokens, positions, use_native: bool, adapters=None):
+def step(model: DecoderModel, cache, seqs, tokens, positions, use_native: bool, adapters=None,
+         q_lens: list[int] | None = None):
     saved = model.native
     model.native = saved if use_native else None
     try:
-        attn = AttentionBatch.with_cache(cache, seqs, [1] * len(seqs))
+        attn = AttentionBatch.with_cache(cache, seqs, q_lens or [1] * len(seqs))
         with torch.no_grad():
             logits = model(tokens, positions, attn, adapters)
         return logits, attn
@@ -121,16 +125,50 @@ def test_window_and_long_context_still_identical():
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("variant", ["llama-gqa", "mistral-window", "qwen2-bias"])
+@pytest.mark.parametrize("histories, q_lens", [([0], [9]), ([5, 0, 12], [1, 7, 1]), ([3, 20], [6, 1]),
+                                               ([0, 0], [11, 4])])
+def test_prefill_and_mixed_steps_are_bit_identical_to_the_modules(variant, histories, q_lens):
+    """Prompt chunks (from scratch or continuing a history) beside decode rows: the chunks are
+    attended one by one over their gathered blocks, the decode rows by the paged kernel."""
+    model = fused_model(variant)
+    cache, seqs, tokens, positions = decode_state(model, histories, True, q_lens=q_lens)
+    twin = KVCache(model.cfg, max_tokens=4096, block_size=4, dtype=model.dtype)
+    twin.pool = cache.pool.clone()
+    ref, _ = step(model, twin, seqs, tokens, positions, False, q_lens=q_lens)
+    got, attn = step(model, cache, seqs, tokens, positions, True, q_lens=q_lens)
+    assert native.NativeDecode.takes(attn, None) and not attn.all_decode
+    assert torch.equal(got, ref)
+    assert torch.equal(cache.pool, twin.pool)
+
+
+@pytest.mark.parametrize("path", ["runs", "slab"])
+def test_lora_on_a_mixed_step_is_bit_identical(path):
+    model = fused_model("llama-gqa")
+    with_lora(model)
+    q_lens = [1, 6, 1, 1] if path == "runs" else [1, 1, 1, 1]
+    ab = AdapterBatch.build([0, 2, SLOTS, 4], q_lens, SLOTS, lora_slots=set(range(5)), force_path=path)
+    cache, seqs, tokens, positions = decode_state(model, [4, 9, 2, 7], True, q_lens=q_lens)
+    twin = KVCache(model.cfg, max_tokens=4096, block_size=4, dtype=model.dtype)
+    twin.pool = cache.pool.clone()
+    ref, _ = step(model, twin, seqs, tokens, positions, False, ab, q_lens)
+    got, attn = step(model, cache, seqs, tokens, positions, True, ab, q_lens)
+    assert native.NativeDecode.takes(attn, ab)
+    assert torch.equal(got, ref)
+
+
 def test_which_steps_the_native_path_takes(tmp_path):
     model = fused_model("llama-gqa")
     cache, seqs, tokens, positions = decode_state(model, [5, 6], interleave=False)
     decode = AttentionBatch.with_cache(cache, seqs, [1, 1])
     decode.prepare(None)
     assert native.NativeDecode.takes(decode, None)
-    prefill = AttentionBatch.with_cache(cache, seqs, [1, 1])
-    prefill.rows[1].q_len = 2  # a prompt chunk in the step: the modules take it
-    prefill.prepare(None)
-    assert not native.NativeDecode.takes(prefill, None)
+    bf16 = KVCache(model.cfg, max_tokens=64, block_size=4, dtype=torch.bfloat16)
+    s = SeqCache()
+    bf16.reserve(s, 1)
+    other = AttentionBatch.with_cache(bf16, [s], [1])  # a bf16 cache: SDPA, the modules
+    other.prepare(None)
+    assert not native.NativeDecode.takes(other, None)
     base_rows = AdapterBatch.build([3, 3], [1, 1], 3, lora_slots=set(), dora_slots=set(),
                                    embedding_slots=set())
     assert native.NativeDecode.takes(decode, base_rows)  # adapters without LoRA: cache-only

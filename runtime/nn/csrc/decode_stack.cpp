@@ -80,6 +80,16 @@ struct Layer {
   LoraSlots lora[kMembers];
 };
 
+// runtime/nn/attention.py::AttentionBatch, the parts attend reads
+struct StepAttention {
+  bool all_decode = false;  // every row one decode token, row i = token i
+  std::optional<at::Tensor> decode_tokens;  // [Bd] packed index of each decode row (else all)
+  std::optional<at::Tensor> table, lens, los;  // decode rows: paged kernel metadata
+  // rows attended one by one (prefill chunks): SDPA over their gathered blocks, causal mask
+  std::vector<int64_t> row_start, row_len, row_kv;
+  std::vector<at::Tensor> row_table, row_mask;  // [1, nb] block ids, [q_len, kv_len] bool
+};
+
 // runtime/nn/adapter_batch.py::AdapterBatch, the parts the LoRA paths read
 struct StepAdapters {
   int64_t path = 0;  // 0: no LoRA rows; 1: runs; 2: slab
@@ -134,13 +144,19 @@ class DecodeStack {
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
   // x [T, hidden], cos/sin [T, 1, hd] (Rotary.cos_sin), pool [L, 2, blocks, bs, Hkv, hd],
-  // write_index [T]. Keys: row b reads keys los[b]..lens[b]-1 through its block table [T, nb]
-  // (attention.py's decode group, paged). Adapters: lora_path 0 (none), 1 (runs [n, 3]: slot, start, end) or
+  // write_index [T]. Keys: decode row j reads keys los[j]..lens[j]-1 through its block table
+  // (attention.py's decode group, paged; decode_tokens: where the decode rows sit, None when
+  // every row is one); each other row (a prefill chunk) is attended alone (row_* lists).
+  // Adapters: lora_path 0 (none), 1 (runs [n, 3]: slot, start, end) or
   // 2 (slab: slots lo..hi-1, grid width, identity, source, cells, adapter rows and their slots).
   // Returns x after the last layer.
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
                      const at::Tensor& pool, const at::Tensor& write_index,
-                     const at::Tensor& table, const at::Tensor& lens, const at::Tensor& los,
+                     const std::optional<at::Tensor>& decode_tokens,
+                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& lens,
+                     const std::optional<at::Tensor>& los, std::vector<int64_t> row_start,
+                     std::vector<int64_t> row_len, std::vector<int64_t> row_kv,
+                     std::vector<at::Tensor> row_table, std::vector<at::Tensor> row_mask,
                      int64_t lora_path, const std::optional<at::Tensor>& runs,
                      int64_t slab_lo, int64_t slab_hi, int64_t slab_width, bool slab_identity,
                      const std::optional<at::Tensor>& slab_source,
@@ -148,6 +164,14 @@ class DecodeStack {
                      const std::optional<at::Tensor>& rows,
                      const std::optional<at::Tensor>& row_slots) const {
     at::NoGradGuard no_grad;
+    StepAttention sa;
+    sa.all_decode = row_start.empty() && !decode_tokens;
+    sa.decode_tokens = decode_tokens, sa.table = table, sa.lens = lens, sa.los = los;
+    sa.row_start = std::move(row_start), sa.row_len = std::move(row_len), sa.row_kv = std::move(row_kv);
+    sa.row_table = std::move(row_table), sa.row_mask = std::move(row_mask);
+    TORCH_CHECK(sa.row_len.size() == sa.row_start.size() && sa.row_kv.size() == sa.row_start.size() &&
+                    sa.row_table.size() == sa.row_start.size() && sa.row_mask.size() == sa.row_start.size(),
+                "looped rows: lists of different lengths");
     StepAdapters ad;
     ad.path = lora_path;
     if (lora_path == 1) {
@@ -161,7 +185,7 @@ class DecodeStack {
     for (int64_t i = 0; i < num_layers(); ++i) {
       const Layer& l = layers_[i];
       at::Tensor h = quiver::rms_norm(x, l.ln1, eps_);
-      at::Tensor o = attention(h, l, i, cos, sin, pool, write_index, table, lens, los, ad);
+      at::Tensor o = attention(h, l, i, cos, sin, pool, write_index, sa, ad);
       x = x + adapt(o, matmul(o, l.o), l.lora[kO], ad);
       h = quiver::rms_norm(x, l.ln2, eps_);
       std::vector<at::Tensor> gu = matmul(h, l.gate_up).split({inter_, inter_}, -1);
@@ -244,8 +268,7 @@ class DecodeStack {
   // Attention.forward up to o_proj's input: h [T, hidden] -> [T, H * hd]
   at::Tensor attention(const at::Tensor& h, const Layer& l, int64_t layer, const at::Tensor& cos,
                        const at::Tensor& sin, const at::Tensor& pool, const at::Tensor& write_index,
-                       const at::Tensor& table, const at::Tensor& lens, const at::Tensor& los,
-                       const StepAdapters& ad) const {
+                       const StepAttention& sa, const StepAdapters& ad) const {
     const int64_t T = h.size(0), q_dim = heads_ * head_dim_, kv_dim = kv_heads_ * head_dim_;
     std::vector<at::Tensor> qkv = matmul(h, l.qkv).split({q_dim, kv_dim, kv_dim}, -1);
     at::Tensor q = rotate(adapt(h, qkv[0], l.lora[kQ], ad).view({T, heads_, head_dim_}), cos, sin);
@@ -255,8 +278,28 @@ class DecodeStack {
     at::Tensor flat = pool.select(0, layer).view({2, -1, kv_heads_, head_dim_});
     flat.select(0, 0).index_copy_(0, write_index, k.to(pool.scalar_type()));
     flat.select(0, 1).index_copy_(0, write_index, v.to(pool.scalar_type()));
-    // attention.py::_attend_decode_group, paged
-    return quiver::paged_decode_attention(q, pool, layer, table, lens, los).view({T, q_dim});
+    // attention.py::attend
+    if (sa.all_decode)  // _attend_decode_group, paged
+      return quiver::paged_decode_attention(q, pool, layer, *sa.table, *sa.lens, *sa.los).view({T, q_dim});
+    at::Tensor out = at::empty_like(q);  // [T, H, hd]
+    if (sa.decode_tokens && sa.decode_tokens->numel() > 0) {
+      at::Tensor qd = q.index({*sa.decode_tokens});
+      out.index_put_({*sa.decode_tokens},
+                     quiver::paged_decode_attention(qd, pool, layer, *sa.table, *sa.lens, *sa.los));
+    }
+    for (size_t r = 0; r < sa.row_start.size(); ++r) {  // _attend_row over KVCache.gather
+      const int64_t a = sa.row_start[r], n = sa.row_len[r], kv_len = sa.row_kv[r];
+      const int64_t nb = sa.row_table[r].size(1), bs = pool.size(3);
+      at::Tensor kv = pool.select(0, layer).index({at::indexing::Slice(), sa.row_table[r]});
+      kv = kv.reshape({2, 1, nb * bs, kv_heads_, head_dim_}).transpose(2, 3);  // [2, 1, Hkv, L, hd]
+      at::Tensor ks = kv.select(0, 0).slice(2, 0, kv_len), vs = kv.select(0, 1).slice(2, 0, kv_len);
+      at::Tensor qs = q.slice(0, a, a + n).transpose(0, 1).unsqueeze(0);  // [1, H, n, hd]
+      at::Tensor o = at::scaled_dot_product_attention(qs, ks.to(q.scalar_type()), vs.to(q.scalar_type()),
+                                                      sa.row_mask[r], 0.0, false, std::nullopt,
+                                                      kv_heads_ != heads_);  // [1, H, n, hd]
+      out.slice(0, a, a + n).copy_(o.select(0, 0).transpose(0, 1));
+    }
+    return out.view({T, q_dim});
   }
 
   int64_t heads_, kv_heads_, head_dim_, inter_;
