@@ -12,7 +12,8 @@ one in SQLite; a restarted server picks its running job up again and resumes it.
 
 Time share (`TimeShare`): while requests are waiting or running, training may take at most
 --train-share of the engine thread's time. Every serving step earns training credit
-`step_s * share / (1 - share)`; a slice runs only with credit left and spends what it took. With
+`step_s * share / (1 - share)`; a slice runs only with credit left and spends what it took (at
+most one slice follows each engine step, so slices much shorter than a step take less). With
 no traffic a slice runs whenever asked, and the credit is reset, so a request that arrives waits
 for at most the one slice in flight and is then served first.
 """

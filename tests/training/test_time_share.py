@@ -1,0 +1,57 @@
+"""TimeShare: while requests wait, training takes at most --train-share of the engine thread's
+time (whatever a slice costs against a serving step); idle, it takes all of it."""
+from __future__ import annotations
+
+import pytest
+
+from runtime.training.scheduler import TimeShare
+
+
+def _busy_share(share: float, step_s: float, slice_s: float, rounds: int = 20_000) -> float:
+    """The engine loop's calls under constant traffic: after each serving step the hook is asked;
+    the fraction of time that went to training."""
+    ts = TimeShare(share)
+    served = trained = 0.0
+    for _ in range(rounds):
+        served += step_s
+        ts.served(step_s)
+        if ts.may_train(busy=True):
+            trained += slice_s
+            ts.trained(True, slice_s)
+    return trained / (trained + served)
+
+
+@pytest.mark.parametrize("share, step_s, slice_s", [
+    (0.3, 0.010, 0.030),   # slices longer than a step: one slice every few steps
+    (0.3, 0.010, 0.002),   # slices shorter than a step: capped by the credit, not by the count
+    (0.1, 0.030, 3.5),     # SmolLM2-sized optimizer steps against decode steps
+    (0.5, 0.020, 0.020),
+])
+def test_busy_share_converges_to_train_share(share, step_s, slice_s):
+    """At most one slice follows each serving step, so very short slices take less than the share."""
+    expected = min(share, slice_s / (slice_s + step_s))
+    assert _busy_share(share, step_s, slice_s) == pytest.approx(expected, abs=0.01)
+
+
+def test_short_slices_never_exceed_the_share():
+    for slice_s in (0.0001, 0.002, 0.01, 0.05, 1.0):
+        assert _busy_share(0.3, 0.010, slice_s) <= 0.3 + 0.01
+
+
+def test_idle_trains_whenever_asked_and_traffic_is_then_served_first():
+    ts = TimeShare(0.3)
+    for _ in range(5):
+        assert ts.may_train(busy=False)
+        ts.trained(False, 1.0)
+    assert not ts.may_train(busy=True)  # a request arrived: it waits for no further slice
+    ts.served(0.01)
+    assert ts.may_train(busy=True)
+
+
+def test_share_one_trains_after_every_step_and_bad_shares_are_refused():
+    ts = TimeShare(1.0)
+    ts.served(0.01)
+    assert ts.may_train(busy=True)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            TimeShare(bad)
