@@ -78,6 +78,20 @@ def test_paged_kernel_equals_the_reference(case):
     assert torch.equal(cache.pool, ref_cache.pool)  # both wrote the new keys into the same rows
 
 
+@pytest.mark.parametrize("sharpness", [0.01, 8.0, 40.0])
+def test_flat_and_sharp_softmax(sharpness):
+    """The kernel's vector exp over the whole range the scores take: near-uniform weights, and
+    scores hundreds apart (most weights underflow to zero, as in an fp32 softmax)."""
+    cfg = config(9, 3, 64)
+    cache, attn, q, k, v = decode_batch(cfg, [3, 40, 130], 16, seed=9)
+    q = q * sharpness
+    ref_cache = KVCache(cfg, max_tokens=16384, block_size=16)
+    ref_cache.pool = cache.pool.clone()
+    ref_attn = AttentionBatch.with_cache(ref_cache, [r.seq for r in attn.rows], [1] * 3)
+    torch.testing.assert_close(attend(attn, 0, q, k, v), attend_reference(ref_attn, 0, q, k, v),
+                               atol=2e-5, rtol=1e-5)
+
+
 def test_long_context_one_row():
     cfg = config(9, 3, 64)  # SmolLM2's attention shape
     cache, attn, q, k, v = decode_batch(cfg, [1500], 16, seed=3, scatter=False)
