@@ -67,26 +67,34 @@ def floor_fn(model, batch: int):
     4-bit projection on the model's kernel (q/k/v and gate/up as their one merged call where the
     model merges them, runtime/nn/groups.py) plus the lm_head's raw matmul (int8 / bf16 by
     batch size as runtime/nn/lm_head.py picks, without its exact top-candidate pass; fp32 in
-    the exact mode)."""
+    the exact mode). Where the C++ layers exist the projections' kernels are called back to
+    back from C++ on ready bf16 inputs (`DecodeStack.matmul_floor`: the kernels' own time);
+    elsewhere through their Python entry (which adds its call overhead to the floor)."""
     from runtime.nn.kernels import fused_matmul
     from runtime.nn.lm_head import INT8_MAX_ROWS
 
     calls = []  # (in_features, fn)
-    for layer in model.model.layers:
-        for group, single in ((layer.self_attn.qkv, layer.self_attn.o_proj), (layer.mlp.gate_up, layer.mlp.down_proj)):
-            members = group._members
-            if group.merged:
-                calls.append((members[0].base.in_features,
-                              lambda x, g=group: fused_matmul(x, g.weight, g._state)))
-            else:
-                calls += [(m.base.in_features, m.base) for m in members]
-            calls.append((single.base.in_features, single.base))
+    native = getattr(model, "native", None)
+    if native is not None:
+        calls.append((1, lambda x: native.stack.matmul_floor(batch)))
+    else:
+        for layer in model.model.layers:
+            for group, single in ((layer.self_attn.qkv, layer.self_attn.o_proj),
+                                  (layer.mlp.gate_up, layer.mlp.down_proj)):
+                members = group._members
+                if group.merged:
+                    calls.append((members[0].base.in_features,
+                                  lambda x, g=group: fused_matmul(x, g.weight, g._state)))
+                else:
+                    calls += [(m.base.in_features, m.base) for m in members]
+                calls.append((single.base.in_features, single.base))
     head = model.head
     hidden = model.cfg.hidden_size
+    xb = torch.randn(batch, hidden).bfloat16()
     if head.int8 is not None and batch <= INT8_MAX_ROWS:
-        calls.append((hidden, lambda x: torch._weight_int8pack_mm(x.bfloat16(), head.int8, head.int8_scale)))
+        calls.append((hidden, lambda x: torch._weight_int8pack_mm(xb, head.int8, head.int8_scale)))
     elif head.bf16 is not None:
-        calls.append((hidden, lambda x: torch.nn.functional.linear(x.bfloat16(), head.bf16)))
+        calls.append((hidden, lambda x: torch.nn.functional.linear(xb, head.bf16)))
     else:
         calls.append((hidden, lambda x: torch.nn.functional.linear(x, head.weight)))
     xs = {n: torch.randn(batch, n) for n, _ in calls}

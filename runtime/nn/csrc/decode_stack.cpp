@@ -143,6 +143,27 @@ class DecodeStack {
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
+  // The bench's floor (bench/decode_bench.py): every layer's four fused 4-bit matmuls for
+  // `rows` rows on ready bf16 inputs, called back to back from here: the kernels' own time,
+  // nothing else (no conversion, no dispatch, no Python).
+  void matmul_floor(int64_t rows) const {
+    at::NoGradGuard no_grad;
+    const auto opts = at::TensorOptions().dtype(at::kBFloat16);
+    std::vector<at::Tensor> in, out;
+    for (const Fused4bit* w : {&layers_[0].qkv, &layers_[0].o, &layers_[0].gate_up, &layers_[0].down}) {
+      in.push_back(at::full({rows, w->k}, 0.01, opts));  // the kernel has no value-dependent path
+      out.push_back(at::empty({rows, w->n}, opts));
+    }
+    for (const Layer& l : layers_) {
+      const Fused4bit* ws[] = {&l.qkv, &l.o, &l.gate_up, &l.down};
+      for (int j = 0; j < 4; ++j) {
+        const Fused4bit& w = *ws[j];
+        kernel_(rows, w.n, w.k, in[j].data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(),
+                out[j].data_ptr(), blocksize_, in[j].stride(0), out[j].stride(0));
+      }
+    }
+  }
+
   // x [T, hidden], cos/sin [T, 1, hd] (Rotary.cos_sin), pool [L, 2, blocks, bs, Hkv, hd],
   // write_index [T]. Keys: decode row j reads keys los[j]..lens[j]-1 through its block table
   // (attention.py's decode group, paged; decode_tokens: where the decode rows sit, None when
@@ -317,6 +338,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_lora", &DecodeStack::set_lora)
       .def("num_layers", &DecodeStack::num_layers)
+      .def("matmul_floor", &DecodeStack::matmul_floor, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("paged_decode_attention", &quiver::paged_decode_attention,
         pybind11::call_guard<pybind11::gil_scoped_release>());
