@@ -23,6 +23,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstring>
 #include <array>
 #include <optional>
 #include <vector>
@@ -281,6 +282,25 @@ class DecodeStack {
     return ad.identity ? y + d : y.index_add(0, ad.rows, d);
   }
 
+  // KVCache.write (index_copy_ of k and v into the layer's flat rows), as row copies: the
+  // same bytes without two ATen calls a layer. k, v [T, Hkv, hd] with contiguous rows.
+  void write_cache(const at::Tensor& pool, int64_t layer, const at::Tensor& index,
+                   const at::Tensor& k, const at::Tensor& v) const {
+    TORCH_CHECK(pool.scalar_type() == at::kFloat && pool.is_contiguous() && index.scalar_type() == at::kLong &&
+                    index.is_contiguous(), "KV write: fp32 contiguous pool and int64 rows");
+    const int64_t row = kv_heads_ * head_dim_, rows = pool.size(2) * pool.size(3), T = k.size(0);
+    float* base = pool.data_ptr<float>() + layer * 2 * rows * row;
+    const int64_t* ip = index.data_ptr<int64_t>();
+    for (const auto& [src, half] : {std::pair<const at::Tensor*, int64_t>{&k, 0}, {&v, 1}}) {
+      TORCH_CHECK(src->stride(2) == 1 && src->stride(1) == head_dim_, "KV write: rows must be contiguous");
+      const float* sp = src->data_ptr<float>();
+      for (int64_t t = 0; t < T; ++t) {
+        TORCH_CHECK(0 <= ip[t] && ip[t] < rows, "KV write: row ", ip[t], " outside the pool's ", rows);
+        std::memcpy(base + (half * rows + ip[t]) * row, sp + t * src->stride(0), row * sizeof(float));
+      }
+    }
+  }
+
   // runtime/nn/rotary.py::rotate: x [T, heads, hd]
   at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const {
     return at::addcmul(x * cos, x.roll({head_dim_ / 2}, {-1}), sin);
@@ -295,10 +315,7 @@ class DecodeStack {
     at::Tensor q = rotate(adapt(h, qkv[0], l.lora[kQ], ad).view({T, heads_, head_dim_}), cos, sin);
     at::Tensor k = rotate(adapt(h, qkv[1], l.lora[kK], ad).view({T, kv_heads_, head_dim_}), cos, sin);
     at::Tensor v = adapt(h, qkv[2], l.lora[kV], ad).view({T, kv_heads_, head_dim_});
-    // KVCache.write
-    at::Tensor flat = pool.select(0, layer).view({2, -1, kv_heads_, head_dim_});
-    flat.select(0, 0).index_copy_(0, write_index, k.to(pool.scalar_type()));
-    flat.select(0, 1).index_copy_(0, write_index, v.to(pool.scalar_type()));
+    write_cache(pool, layer, write_index, k, v);
     // attention.py::attend
     if (sa.all_decode)  // _attend_decode_group, paged
       return quiver::paged_decode_attention(q, pool, layer, *sa.table, *sa.lens, *sa.los).view({T, q_dim});
