@@ -22,11 +22,17 @@
 // Python hands over once (bitsandbytes' own shared library; nothing of it is linked here).
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstring>
 #include <array>
 #include <optional>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace quiver {
 // csrc/paged_attention.cpp
@@ -219,15 +225,58 @@ class DecodeStack {
   }
 
  private:
-  // runtime/nn/kernels.py::fused_matmul (+ the projection's bias): x [M, k] -> [M, n], x's dtype
+  // runtime/nn/kernels.py::fused_matmul (+ the projection's bias): x [M, k] fp32 -> [M, n] fp32
+  // (bf16 inside). The two conversions are loops here (round to nearest even, as ATen's), not
+  // two ATen copies a matmul.
   at::Tensor matmul(const at::Tensor& x, const Fused4bit& w) const {
-    at::Tensor a = x.reshape({-1, w.k}).to(at::kBFloat16).contiguous();  // [M, k]
-    at::Tensor out = at::empty({a.size(0), w.n}, a.options());  // [M, n] bf16
-    kernel_(a.size(0), w.n, w.k, a.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(),
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == w.k, "fused matmul input");
+    const at::Tensor xc = x.contiguous();
+    const int64_t M = xc.size(0);
+    at::Tensor a = at::empty({M, w.k}, xc.options().dtype(at::kBFloat16));  // [M, k]
+    convert(xc.data_ptr<float>(), a.data_ptr<at::BFloat16>(), M * w.k);
+    at::Tensor out = at::empty({M, w.n}, a.options());  // [M, n] bf16
+    kernel_(M, w.n, w.k, a.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(),
             out.data_ptr(), blocksize_, a.stride(0), out.stride(0));
-    at::Tensor y = out.to(x.scalar_type());
+    at::Tensor y = at::empty({M, w.n}, xc.options());  // [M, n] fp32
+    convert(out.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M * w.n);
     return w.bias ? y + w.bias->to(y.scalar_type()) : y;
   }
+
+  template <typename From, typename To>
+  static void convert(const From* src, To* dst, int64_t n) {
+    at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+      int64_t i = begin;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      i = convert16(src, dst, begin, end);
+#endif
+      for (; i < end; ++i) dst[i] = static_cast<To>(static_cast<float>(src[i]));
+    });
+  }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  // 16 lanes at a time; returns where the scalar tail starts. fp32 -> bf16 rounds to nearest
+  // even exactly as c10::BFloat16 does (NaN -> 0x7fc0, denormals kept); bf16 -> fp32 is exact.
+  static int64_t convert16(const float* src, at::BFloat16* dst, int64_t i, int64_t end) {
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    const __m512i nan = _mm512_set1_epi32(0x7fc0);
+    for (; i + 16 <= end; i += 16) {
+      const __m512 x = _mm512_loadu_ps(src + i);
+      const __m512i b = _mm512_castps_si512(x);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(bias, lsb)), 16);
+      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
+    }
+    return i;
+  }
+  static int64_t convert16(const at::BFloat16* src, float* dst, int64_t i, int64_t end) {
+    for (; i + 16 <= end; i += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+    return i;
+  }
+#endif
 
   // AdaptedLinear.adapt: y = base(x) [T, out] -> y + this projection's LoRA delta
   at::Tensor adapt(const at::Tensor& x, at::Tensor y, const LoraSlots& m, const StepAdapters& ad) const {
