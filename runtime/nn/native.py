@@ -176,6 +176,12 @@ def rms_norm_kernel():
     return None if ext is None else ext.rms_norm
 
 
+def rotate_kernel():
+    """csrc/elementwise.cpp's one-pass rotary (CPU fp32), or None without the extension."""
+    ext = extension()
+    return None if ext is None else ext.rotate
+
+
 def lora_rows_kernel():
     """csrc/lora_rows.cpp's (lora_rows, lora_rows_) for a few rows of one adapter, or None."""
     ext = extension()

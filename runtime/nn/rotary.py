@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from runtime.config import ModelConfig
+from runtime.nn.native import rotate_kernel
 
 
 def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -101,7 +102,15 @@ class Rotary(nn.Module):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, hd], cos/sin: [T, 1, hd] from `Rotary.cos_sin` -> rotated x, same shape."""
+    """x: [T, H, hd], cos/sin: [T, 1, hd] from `Rotary.cos_sin` -> rotated x, same shape.
+
+    On CPU in fp32 without autograd: one C++ pass (csrc/elementwise.cpp, what the C++ decode
+    layers run, so both paths give the same bits); else three ATen ops."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(-1) == 1 and \
+            not (torch.is_grad_enabled() and x.requires_grad):
+        kernel = rotate_kernel()
+        if kernel is not None:
+            return kernel(x, cos, sin)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 

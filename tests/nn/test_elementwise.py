@@ -57,3 +57,23 @@ def test_rms_norm_with_gradients_takes_autograd():
     assert y.grad_fn is not None  # training (prompt tuning) differentiates through the norm
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_one_pass_rotate_on_a_strided_view_equals_the_three_ops():
+    """q and k arrive as views of the merged q|k|v output (rows strided): the C++ pass reads
+    them in place and gives what `addcmul(x * cos, roll(x), sin)` gives."""
+    from runtime.nn import native
+
+    kernel = native.rotate_kernel()
+    if kernel is None:
+        pytest.skip("the C++ extension is not built")
+    cfg = ModelConfig.from_hf_dict(make_hf_model("llama3-rope").config.to_dict())
+    rotary = Rotary(cfg)
+    T, H, hd = 5, 4, cfg.head_dim
+    qkv = torch.randn(T, 3 * H * hd)
+    q = qkv[:, H * hd: 2 * H * hd].view(T, H, hd)  # a strided view
+    positions = torch.tensor([0, 3, 9, 100, 255])
+    cos, sin = rotary.cos_sin(positions, q.dtype)
+    three_ops = torch.addcmul(q * cos, q.roll(hd // 2, dims=-1), sin)
+    torch.testing.assert_close(kernel(q, cos, sin), three_ops, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rotate(q, cos, sin), rotate_reference(q, positions, rotary), atol=1e-5, rtol=1e-5)

@@ -41,6 +41,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool, i
                                   const at::Tensor& los);
 // csrc/elementwise.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 // csrc/lora_rows.cpp
 at::Tensor lora_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
                      double scale, const std::optional<at::Tensor>& bias);
@@ -350,9 +351,9 @@ class DecodeStack {
     }
   }
 
-  // runtime/nn/rotary.py::rotate: x [T, heads, hd]
+  // runtime/nn/rotary.py::rotate: x [T, heads, hd] (csrc/elementwise.cpp, as the modules)
   at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const {
-    return at::addcmul(x * cos, x.roll({head_dim_ / 2}, {-1}), sin);
+    return quiver::rotate(x, cos, sin);
   }
 
   // Attention.forward up to o_proj's input: h [T, hidden] -> [T, H * hd]
@@ -409,6 +410,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &quiver::paged_decode_attention,
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &quiver::rms_norm, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rotate", &quiver::rotate, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_rows", &quiver::lora_rows, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_rows_", &quiver::lora_rows_, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
