@@ -1,6 +1,6 @@
 """The pure-decode step's layers in C++ (csrc/decode_stack.cpp): the same ATen ops, without Python.
 
-    DecoderModel.forward, any step against the KV cache (LoRA rows included, DoRA not):
+    DecoderModel.forward, any step against the KV cache (LoRA and DoRA rows included):
         x = embed(tokens); cos, sin = rotary(positions)          (Python, once per step)
         x = DecodeStack.forward(x, cos, sin, KV pool, ...)         (C++, every layer)
         logits = lm_head(norm(x))                                  (Python, once per step)
@@ -41,7 +41,7 @@ MEMBERS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_pr
            ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 #: LoRA paths the C++ layers run (adapter_batch.py); "gather" (CUDA) stays in Python
 LORA_PATHS = {"runs": 1, "slab": 2}
-_NO_LORA = (0, None, 0, 0, 0, False, None, None, None, None)
+_NO_LORA = (0, None, 0, 0, 0, False, None, None, None, None, False, None)
 #: set to 0 to run every step through the Python modules (same output; for comparison)
 ENV_SWITCH = "QUIVER_NATIVE_DECODE"
 
@@ -114,19 +114,21 @@ class NativeDecode:
             for j, (part, name) in enumerate(MEMBERS):
                 slots = getattr(getattr(layer, part), name).lora
                 if slots is not None:
-                    self.stack.set_lora(i, j, slots.A, slots.Bt, slots.scale, slots.bias, slots.slot_meta)
+                    base = getattr(getattr(layer, part), name).base
+                    self.stack.set_lora(i, j, slots.A, slots.Bt, slots.scale, slots.bias, slots.slot_meta,
+                                        slots.dora, base.bias)
 
     @staticmethod
     def takes(attn, adapters) -> bool:
         """A step against the KV cache (decode rows, prefill chunks or both) on a CPU fp32 pool
-        (the paged decode kernel), whose LoRA rows (if any) take the runs or slab path without
-        DoRA. Embedding LoRA is applied before the layers and prompt / prefix tuning live in the
+        (the paged decode kernel), whose LoRA rows (if any, DoRA included) take the runs or slab
+        path. Embedding LoRA is applied before the layers and prompt / prefix tuning live in the
         cache: both are fine. Not the prompt-tuning KV precompute (`capture`)."""
         if attn.cache is None or attn.capture is not None or paged_attention(attn.cache) is None:
             return False
         if adapters is None or not adapters.has_lora:
             return True
-        return not adapters.any_dora and adapters.path in LORA_PATHS
+        return adapters.path in LORA_PATHS
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn,
                  adapters=None) -> torch.Tensor:
@@ -154,11 +156,12 @@ def _lora_args(ab) -> tuple:
     """The step's AdapterBatch as the stack's LoRA arguments (see decode_stack.cpp forward)."""
     if ab is None or not ab.has_lora:
         return _NO_LORA
+    dora = (ab.any_dora, ab.token_slots if ab.any_dora else None)
     if ab.path == "runs":
-        return (1, torch.tensor(ab.runs, dtype=torch.long), 0, 0, 0, False, None, None, None, None)
+        return (1, torch.tensor(ab.runs, dtype=torch.long), 0, 0, 0, False, None, None, None, None, *dora)
     sl = ab.slab
     return (2, None, sl.lo, sl.hi, sl.width, sl.identity, sl.source, sl.cells, ab.adapter_rows,
-            ab.adapter_row_slots)
+            ab.adapter_row_slots, *dora)
 
 
 def paged_attention(cache):

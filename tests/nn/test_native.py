@@ -204,6 +204,7 @@ def test_switched_off_by_the_environment(monkeypatch):
 
 # ---- LoRA rows in the C++ layers ------------------------------------------------------------
 SLOTS, MAX_RANK = 6, 8
+DORA = {2, 4}  # slots whose weights carry DoRA factors (used as DoRA where a test says so)
 
 
 def with_lora(model: DecoderModel, seed: int = 0, targets: set[str] | None = None) -> dict[str, int]:
@@ -222,7 +223,8 @@ def with_lora(model: DecoderModel, seed: int = 0, targets: set[str] | None = Non
             lin.lora.set_slot(slot, torch.randn(r, lin.base.in_features, generator=g) * 0.2,
                               torch.randn(lin.base.out_features, r, generator=g) * 0.2,
                               scale=16 / (r ** 0.5) / 7,
-                              bias=torch.randn(lin.base.out_features, generator=g) if slot == 1 else None)
+                              bias=torch.randn(lin.base.out_features, generator=g) if slot == 1 else None,
+                              dora=torch.rand(lin.base.out_features, generator=g) + 0.5 if slot in DORA else None)
     return {f"a{s}": s for s in range(5)}
 
 
@@ -269,15 +271,29 @@ def test_lora_on_some_projections_only():
     assert torch.equal(got, ref)
 
 
-def test_dora_and_gather_steps_stay_in_python():
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-bias"])
+@pytest.mark.parametrize("row_slots, path", [([2], "runs"), ([0, 2, 2, SLOTS], "runs"), ([0, 1, 2, 3, 4], "slab"),
+                                             ([4, SLOTS, 2, 1], "slab")])
+def test_dora_rows_are_bit_identical_to_the_modules(variant, row_slots, path):
+    """DoRA beside LoRA and base rows: y + (f - 1) * (y - b0) + f * delta, with the projection's
+    own bias b0 (Qwen2's q/k/v)."""
+    model = fused_model(variant)
+    with_lora(model)
+    ab = adapter_batch(row_slots, path, dora=DORA)
+    assert ab.any_dora and ab.path == path
+    ref, got, attn = both_paths_with(model, [6 + 2 * i for i in range(len(row_slots))], ab)
+    assert native.NativeDecode.takes(attn, ab)
+    assert torch.equal(got, ref)
+
+
+def test_gather_steps_stay_in_python():
     model = fused_model("llama-gqa")
     with_lora(model)
     cache, seqs, _, _ = decode_state(model, [4, 4], interleave=False)
     attn = AttentionBatch.with_cache(cache, seqs, [1, 1])
     attn.prepare(None)
-    assert not native.NativeDecode.takes(attn, adapter_batch([0, 1], "runs", dora={1}))
     assert not native.NativeDecode.takes(attn, adapter_batch([0, 1], "gather"))
-    assert native.NativeDecode.takes(attn, adapter_batch([0, 1], "runs"))
+    assert native.NativeDecode.takes(attn, adapter_batch([0, 1], "runs", dora={1}))
 
 
 def test_adapters_loaded_after_the_stack_was_built_are_seen():

@@ -12,9 +12,8 @@
 //     h = rms_norm(x, ln2)
 //     g|u = fused4bit(h, gate_up)                       [T, 2 inter]
 //     x = x + fused4bit(silu(g) * u, down)
-//   each projection's output then gets its LoRA delta where the step has adapter rows
-//   (runtime/nn/lora.py: the "runs" and "slab" paths; DoRA and the CUDA gather path stay in
-//   Python)
+//   each projection's output then gets its LoRA / DoRA delta where the step has adapter rows
+//   (runtime/nn/lora.py: the "runs" and "slab" paths; the CUDA gather path stays in Python)
 //
 // Each step mirrors runtime/nn/model.py, runtime/nn/attention.py, runtime/nn/rotary.py and
 // runtime/nn/kernels.py::fused_matmul op for op, so both paths give the same bits
@@ -73,6 +72,8 @@ struct LoraSlots {
   at::Tensor scale; // [S+1]
   at::Tensor bias;  // [S+1, out] (pre-scaled)
   at::Tensor meta;  // [S+1, 3] float64: rank, scale, has_bias
+  at::Tensor dora;  // [S+1, out] DoRA's per-row factor f (1 for plain LoRA slots)
+  std::optional<at::Tensor> base_bias;  // the projection's own bias (DoRA scales around it)
   bool defined() const { return A.defined(); }
   int64_t rank(int64_t slot) const { return static_cast<int64_t>(meta.data_ptr<double>()[3 * slot]); }
   double scale_of(int64_t slot) const { return meta.data_ptr<double>()[3 * slot + 1]; }
@@ -101,6 +102,8 @@ struct StepAttention {
 // runtime/nn/adapter_batch.py::AdapterBatch, the parts the LoRA paths read
 struct StepAdapters {
   int64_t path = 0;  // 0: no LoRA rows; 1: runs; 2: slab
+  bool any_dora = false;
+  at::Tensor token_slots;  // [T] slot per token (DoRA's factor rows)
   std::vector<std::array<int64_t, 3>> runs;  // (slot, start, end)
   int64_t lo = 0, hi = 0, width = 0;  // slab slot range and grid width
   bool identity = false;
@@ -142,11 +145,11 @@ class DecodeStack {
 
   // One projection's LoRA slots (member: the Member order); kept by reference.
   void set_lora(int64_t layer, int64_t member, at::Tensor A, at::Tensor Bt, at::Tensor scale,
-                at::Tensor bias, at::Tensor meta) {
+                at::Tensor bias, at::Tensor meta, at::Tensor dora, std::optional<at::Tensor> base_bias) {
     TORCH_CHECK(layer >= 0 && layer < num_layers() && member >= 0 && member < kMembers, "bad LoRA index");
     TORCH_CHECK(meta.scalar_type() == at::kDouble && meta.is_contiguous(), "slot_meta must be float64");
-    layers_[layer].lora[member] = LoraSlots{std::move(A), std::move(Bt), std::move(scale),
-                                            std::move(bias), std::move(meta)};
+    layers_[layer].lora[member] = LoraSlots{std::move(A), std::move(Bt), std::move(scale), std::move(bias),
+                                            std::move(meta), std::move(dora), std::move(base_bias)};
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -191,7 +194,8 @@ class DecodeStack {
                      const std::optional<at::Tensor>& slab_source,
                      const std::optional<at::Tensor>& slab_cells,
                      const std::optional<at::Tensor>& rows,
-                     const std::optional<at::Tensor>& row_slots) const {
+                     const std::optional<at::Tensor>& row_slots, bool any_dora,
+                     const std::optional<at::Tensor>& token_slots) const {
     at::NoGradGuard no_grad;
     StepAttention sa;
     sa.all_decode = row_start.empty() && !decode_tokens;
@@ -203,6 +207,8 @@ class DecodeStack {
                 "looped rows: lists of different lengths");
     StepAdapters ad;
     ad.path = lora_path;
+    ad.any_dora = any_dora;
+    if (any_dora) ad.token_slots = *token_slots;
     if (lora_path == 1) {
       const at::Tensor r = runs->contiguous();
       const int64_t* p = r.data_ptr<int64_t>();
@@ -280,9 +286,22 @@ class DecodeStack {
 #endif
 
   // AdaptedLinear.adapt: y = base(x) [T, out] -> y + this projection's LoRA delta
+  // (LoraSlots.forward: with DoRA rows in the step, y + (f - 1) * (y - b0) + f * delta)
   at::Tensor adapt(const at::Tensor& x, at::Tensor y, const LoraSlots& m, const StepAdapters& ad) const {
     if (ad.path == 0 || !m.defined()) return y;
-    return ad.path == 1 ? add_runs(m, x, std::move(y), ad) : add_slab(m, x, std::move(y), ad);
+    if (!ad.any_dora)
+      return ad.path == 1 ? add_runs(m, x, std::move(y), ad) : add_slab(m, x, std::move(y), ad);
+    at::Tensor zeros = at::zeros({x.size(0), m.Bt.size(2)}, x.options());  // lora.py::lora_delta
+    at::Tensor delta;
+    if (ad.path == 1) {
+      delta = add_runs(m, x, zeros, ad);
+    } else {
+      std::optional<at::Tensor> d = delta_slab(m, x, ad);
+      delta = d ? zeros.index_add(0, ad.rows, *d) : zeros;
+    }
+    at::Tensor f = m.dora.index({ad.token_slots});  // [T, out]
+    at::Tensor y0 = m.base_bias ? y - *m.base_bias : y;
+    return y + ((f - 1) * y0 + f * delta);
   }
 
   // lora.py::_add_runs: one addmm per run of same-slot rows, on views
@@ -315,12 +334,20 @@ class DecodeStack {
     return y;
   }
 
-  // lora.py::_delta_slab, then LoraSlots.forward's add: two bmm over the slab's slot range
+  // LoraSlots.forward's add of the slab delta
   at::Tensor add_slab(const LoraSlots& m, const at::Tensor& x, at::Tensor y, const StepAdapters& ad) const {
+    std::optional<at::Tensor> d = delta_slab(m, x, ad);
+    if (!d) return y;
+    return ad.identity ? y + *d : y.index_add(0, ad.rows, *d);
+  }
+
+  // lora.py::_delta_slab: two bmm over the slab's slot range -> [n, out] (adapter_rows order),
+  // none when no slot of the range targets this projection
+  std::optional<at::Tensor> delta_slab(const LoraSlots& m, const at::Tensor& x, const StepAdapters& ad) const {
     int64_t r = 0;
     bool any_bias = false;
     for (int64_t s = ad.lo; s < ad.hi; ++s) r = std::max(r, m.rank(s)), any_bias |= m.has_bias(s);
-    if (r == 0) return y;
+    if (r == 0) return std::nullopt;
     const int64_t G = ad.hi - ad.lo, N = ad.width;
     at::Tensor xs = ad.identity ? x.view({G, N, -1})  // [G, N, in]
                                 : at::pad(x, {0, 0, 0, 1}).index({ad.source}).view({G, N, -1});
@@ -329,7 +356,7 @@ class DecodeStack {
     at::Tensor d = at::bmm(xa, m.Bt.slice(0, ad.lo, ad.hi).slice(1, 0, r)).view({G * N, -1});
     if (!ad.identity) d = d.index({ad.cells});  // [n, out]
     if (any_bias) d = d + m.bias.index({ad.row_slots});
-    return ad.identity ? y + d : y.index_add(0, ad.rows, d);
+    return d;
   }
 
   // KVCache.write (index_copy_ of k and v into the layer's flat rows), as row copies: the
