@@ -40,7 +40,9 @@ class ProjectionGroup(nn.Module):
 
     def forward(self, x: torch.Tensor, ab) -> list[torch.Tensor]:
         # x: [T, in] -> [[T, out_i] for each member]
-        if not self.merged:
+        if not self.merged or (torch.is_grad_enabled() and x.requires_grad):
+            # the merged call has no backward: where a gradient must reach x (training on the
+            # served base), each member's own forward, whose fused path carries one (quant.py)
             return [m(x, ab) for m in self._members]
         from runtime.nn.kernels import fused_matmul
 

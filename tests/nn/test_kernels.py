@@ -196,3 +196,26 @@ def test_merged_groups_compute_what_their_members_compute(arch, tmp_path):
     assert not attn.qkv.merged and attn.qkv.weight is None
     for got, ref in zip(merged, q.batch_logits(rows)):
         assert (got - ref).abs().max() <= 1e-5
+
+
+@fused_only
+def test_merged_groups_pass_gradients_to_their_input():
+    """Training on the served base (in-server fine-tuning) differentiates through merged q/k/v:
+    the input's gradient equals the one through the members, unmerged."""
+    from runtime.nn.groups import ProjectionGroup
+    from tests.peft_factory import make_tiny_model
+    from tests.quiver_factory import QuiverStack
+
+    q = QuiverStack.from_hf(make_tiny_model("llama", seed=4), quant="nf4", slots=2, kernel="cpu-fused")
+    group = q.model.model.layers[0].self_attn.qkv
+    assert isinstance(group, ProjectionGroup) and group.merged
+    x = torch.randn(3, q.cfg.hidden_size, requires_grad=True)
+    sum(p.square().sum() for p in group(x, None)).backward()
+    merged_grad = x.grad.clone()
+    x.grad = None
+    sum(p.square().sum() for p in [m(x, None) for m in group._members]).backward()
+    assert merged_grad.abs().sum() > 0
+    torch.testing.assert_close(merged_grad, x.grad)
+    with torch.no_grad():  # serving: the one merged call
+        outs = group(x, None)
+    assert outs[0].grad_fn is None
