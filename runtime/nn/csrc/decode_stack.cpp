@@ -239,14 +239,23 @@ class DecodeStack {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == w.k, "fused matmul input");
     const at::Tensor xc = x.contiguous();
     const int64_t M = xc.size(0);
-    at::Tensor a = at::empty({M, w.k}, xc.options().dtype(at::kBFloat16));  // [M, k]
+    thread_local at::Tensor bf16_in, bf16_out;  // reused by every call on this thread
+    at::Tensor& a = scratch(bf16_in, M * w.k);  // [M, k] bf16
     convert(xc.data_ptr<float>(), a.data_ptr<at::BFloat16>(), M * w.k);
-    at::Tensor out = at::empty({M, w.n}, a.options());  // [M, n] bf16
+    at::Tensor& out = scratch(bf16_out, M * w.n);  // [M, n] bf16
     kernel_(M, w.n, w.k, a.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(),
-            out.data_ptr(), blocksize_, a.stride(0), out.stride(0));
+            out.data_ptr(), blocksize_, w.k, w.n);
     at::Tensor y = at::empty({M, w.n}, xc.options());  // [M, n] fp32
     convert(out.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M * w.n);
     return w.bias ? y + w.bias->to(y.scalar_type()) : y;
+  }
+
+  // A bf16 buffer of at least n elements, grown as needed and kept for the next call: the
+  // fused matmul's input and output live only inside `matmul` (thread-local buffers: engines
+  // stepping one model from several threads each get their own).
+  static at::Tensor& scratch(at::Tensor& buf, int64_t n) {
+    if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, at::TensorOptions().dtype(at::kBFloat16));
+    return buf;
   }
 
   template <typename From, typename To>
