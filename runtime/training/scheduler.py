@@ -93,6 +93,9 @@ class TrainingScheduler:
         a = self.active
         if a is None:
             return self._pick() if self.kick.is_set() else False
+        return self._work(a, busy)
+
+    def _work(self, a: Active, busy: bool) -> bool:
         if a.cancelled.is_set():
             self._drop(a)
             return True
@@ -119,8 +122,8 @@ class TrainingScheduler:
         if not pending:
             return False
         job = pending[0]
-        cfg = TrainConfig.from_dict(job["spec"]["train_config"])
-        a = Active(job["id"], job["spec"]["adapter_id"], cfg)
+        a = Active(job["id"], job["spec"]["adapter_id"], TrainConfig.from_dict(job["spec"]["train_config"]))
+        cfg = a.cfg
         with self._lock:
             if self.state.job(a.job_id)["status"] in FINAL:  # cancelled since the query
                 self.kick.set()

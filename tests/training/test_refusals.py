@@ -136,6 +136,9 @@ def test_jobs_queue_one_at_a_time_cancel_frees_and_grpc_watches(client, server):
     third = client.fine_tuning.jobs.create(model=BASE_ID, training_file=f.id, suffix="prompt",
                                            hyperparameters={"n_epochs": 2}, extra_body={"quiver": {"method": "prompt", "num_virtual_tokens": 4}})
     assert client.fine_tuning.jobs.retrieve(third.id).status == "queued"
+    with pytest.raises(openai.APIStatusError) as e:  # pending jobs still need it
+        client.files.delete(f.id)
+    assert e.value.status_code == 409
     wait_for(client, doomed.id, statuses=("running",))
     assert client.fine_tuning.jobs.retrieve(first.id).status == "succeeded"  # one at a time, in order
     assert client.fine_tuning.jobs.cancel(doomed.id).status == "cancelled"
