@@ -102,9 +102,13 @@ def _training(cfg: ServerConfig, core: Core, loop: EngineLoop):
     engine loop's background work, so training slices run between engine steps."""
     if cfg.data_dir is None:
         return None
-    from runtime.training.service import TrainingService
+    from runtime.training.service import DataDirBusy, TrainingService
 
-    service = TrainingService.build(cfg, core, cfg.served_model_name or core.model_info()["model"])
+    try:
+        service = TrainingService.build(cfg, core, cfg.served_model_name or core.model_info()["model"])
+    except DataDirBusy as e:  # serving goes on; only fine-tuning is off in this process
+        log.error("fine-tuning is off: %s", e)
+        return None
     loop.background = service.scheduler
     return service
 

@@ -39,6 +39,10 @@ class UnknownModel(NotFound):
     """A job for a model this server does not hold (it fine-tunes its own base only)."""
 
 
+class DataDirBusy(RuntimeError):
+    """Another live server holds the data directory (two would run the same queued jobs)."""
+
+
 class Conflict(RuntimeError):
     """The operation does not apply to the object's current state."""
 
@@ -71,6 +75,7 @@ class TrainingService:
                  base_id: str, limits: TrainingLimits):
         self.data_dir, self.state, self.files = data_dir, state, files
         self.scheduler, self.base_id, self.limits = scheduler, base_id, limits
+        self._lock_file = None  # <data-dir>/.lock, flocked (build)
 
     @classmethod
     def build(cls, cfg, core, base_id: str) -> "TrainingService":
@@ -79,6 +84,7 @@ class TrainingService:
         an allowed adapter root."""
         data_dir = Path(cfg.data_dir).resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock(data_dir)
         state = State(data_dir / DB_FILE)
         limits = TrainingLimits(FileLimits(cfg.max_file_bytes, cfg.max_file_rows),
                                 jobs.JobLimits(max_epochs=cfg.max_train_epochs, max_seq_len=cfg.max_train_seq_len,
@@ -91,6 +97,7 @@ class TrainingService:
         scheduler = TrainingScheduler(state, core.base, base_id, core._tok_lock, Publisher(root, core.loader),
                                       cfg.train_share, core.metrics)
         service = cls(data_dir, state, FileStore(data_dir, state, limits.files), scheduler, base_id, limits)
+        service._lock_file = lock  # held (flock) for the life of the process
         service._register_finished(store.adapter_dir is None, core.loader)
         scheduler.count_jobs()
         return service
@@ -207,6 +214,22 @@ class TrainingService:
         in the state, and the next server resumes it."""
         self.scheduler.shutdown()
         self.state.close()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock: a server started next may take it
+
+
+def _lock(data_dir: Path):
+    """An exclusive flock on <data-dir>/.lock, or DataDirBusy; released when the process ends."""
+    import fcntl
+
+    f = open(data_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise DataDirBusy(f"another server is using the data directory {data_dir}; give each server "
+                          "its own --data-dir") from None
+    return f
 
 
 def _limit(limit: int) -> int:

@@ -180,3 +180,17 @@ def test_jobs_queue_one_at_a_time_cancel_frees_and_grpc_watches(client, server):
     assert series['quiver_training_jobs{status="cancelled"}'] == 1
     assert series["quiver_training_tokens_total"] > 0
     assert series["quiver_training_step_seconds_count"] >= 8
+
+
+def test_a_second_server_on_the_same_data_dir_serves_without_fine_tuning(chat_model_dir, server, caplog):
+    other = start(chat_model_dir, _data_dir(server))
+    try:
+        assert other.core.training is None  # two would both run the queued jobs
+        assert any("another server is using the data directory" in r.getMessage() for r in caplog.records)
+        with openai_for(other) as c:
+            assert c.chat.completions.create(model=BASE_ID, messages=[{"role": "user", "content": "w5"}],
+                                             max_tokens=2).choices
+            with pytest.raises(openai.NotFoundError):
+                c.fine_tuning.jobs.list()
+    finally:
+        other.shutdown(grace_s=5)
