@@ -194,3 +194,33 @@ def test_a_second_server_on_the_same_data_dir_serves_without_fine_tuning(chat_mo
                 c.fine_tuning.jobs.list()
     finally:
         other.shutdown(grace_s=5)
+
+
+@pytest.mark.slow
+def test_grpc_create_job_with_quiver_options(client, server):
+    from google.protobuf import struct_pb2
+
+    f = client.files.create(file=("learn.jsonl", GOOD), purpose="fine-tune")
+    options = struct_pb2.Struct()
+    options.update({"rank": 4, "targets": "q_proj,v_proj", "save_every": 1})
+    with make_channel(server.address, token=ADMIN) as channel:
+        stub = training_pb2_grpc.TrainingStub(channel)
+        bad = tpb.CreateJobRequest(model=BASE_ID, training_file=f.id, method="lora",
+                                   hyperparameters=tpb.Hyperparameters(n_epochs=99))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.CreateJob(bad, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "n_epochs" in e.value.details()
+        job = stub.CreateJob(tpb.CreateJobRequest(model=BASE_ID, training_file=f.id, method="dora", suffix="g",
+                                                  seed=5, options=options,
+                                                  hyperparameters=tpb.Hyperparameters(n_epochs=1, batch_size=4)),
+                             timeout=10)
+        assert job.status == tpb.JOB_STATUS_QUEUED and job.seed == 5 and job.hyperparameters.n_epochs == 1
+        list(stub.WatchJob(tpb.WatchJobRequest(job_id=job.id), timeout=60))
+        done = stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=10)
+    assert done.status == tpb.JOB_STATUS_SUCCEEDED, done.error.message
+    assert done.method == "dora" and done.options["rank"] == 4 and done.trained_tokens > 0
+    assert done.fine_tuned_model == f"ft/{BASE_ID}/g/{job.id.removeprefix('ftjob-')}"
+    config = server.core.training.scheduler.adapter_root / done.fine_tuned_model
+    peft = json.loads((config / "adapter_config.json").read_text())
+    assert peft["use_dora"] and peft["r"] == 4 and sorted(peft["target_modules"]) == ["q_proj", "v_proj"]
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [2, 1]
