@@ -14,14 +14,10 @@ So a serving step never sees a training weight, and serving traffic (sampling dr
 global RNG too) never moves the job's random stream: a job resumed after a restart replays
 exactly the steps an uninterrupted one takes.
 
-Merged projections: on the fused CPU kernel the serving model runs q/k/v and gate/up as one
-matmul each (runtime/nn/groups.py), a raw kernel call with no backward, so the gradient to a
-layer's input through the frozen base would be lost (measured: early layers' LoRA gradients
-~40x too small, and the facts job did not learn). For the slice, each group's forward is
-shadowed on the instance by its members' own forwards (each QuantLinear carries an autograd
-backward through the dequantized weight, runtime/nn/quant.py), the same math unmerged; the
-members' codes are views of the merged buffer, so nothing is copied, and the shadow is removed
-on exit.
+Merged projections (the fused CPU kernel's q/k/v and gate/up as one matmul each,
+runtime/nn/groups.py) run as their members wherever a gradient must reach the input, so the
+served base differentiates as the trainer's own, up to the fused kernel's rounding
+(tests/training/test_resident.py).
 """
 from __future__ import annotations
 
@@ -79,31 +75,14 @@ class ResidentRun:
         serving = torch.get_rng_state()
         if self._rng is not None:
             torch.set_rng_state(self._rng)
-        model = self.trainer.base.model
         self.trainer.attach()
-        _unmerge_groups(model)
         try:
             with torch.enable_grad():
                 yield
         finally:
-            _remerge_groups(model)
             self.trainer.detach()
             self._rng = torch.get_rng_state()
             torch.set_rng_state(serving)
-
-
-def _unmerge_groups(model) -> None:
-    """Shadow every ProjectionGroup's forward with its members' own (module docstring)."""
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv.forward = lambda x, ab, a=attn: [a.q_proj(x, ab), a.k_proj(x, ab), a.v_proj(x, ab)]
-        mlp.gate_up.forward = lambda x, ab, m=mlp: [m.gate_proj(x, ab), m.up_proj(x, ab)]
-
-
-def _remerge_groups(model) -> None:
-    for layer in model.model.layers:
-        layer.self_attn.qkv.__dict__.pop("forward", None)
-        layer.mlp.gate_up.__dict__.pop("forward", None)
 
 
 def latest_checkpoint(output: str | Path) -> Path | None:
