@@ -12,10 +12,11 @@ one in SQLite; a restarted server picks its running job up again and resumes it.
 
 Time share (`TimeShare`): while requests are waiting or running, training may take at most
 --train-share of the engine thread's time. Every serving step earns training credit
-`step_s * share / (1 - share)`; a slice runs only with credit left and spends what it took (at
-most one slice follows each engine step, so slices much shorter than a step take less). With
-no traffic a slice runs whenever asked, and the credit is reset, so a request that arrives waits
-for at most the one slice in flight and is then served first.
+`step_s * share / (1 - share)`; a slice runs only once the credit covers a slice (the last one's
+duration) and spends what it took (at most one slice follows each engine step, so slices much
+shorter than a step take less). With no traffic a slice runs whenever asked, and the credit is
+reset, so a request that arrives waits for at most the one slice in flight and is then served
+first, until the serving time has earned the next slice.
 """
 from __future__ import annotations
 
@@ -40,24 +41,32 @@ PUBLISH_TIMEOUT_S = 60.0
 
 
 class TimeShare:
-    """Training's share of engine time while requests wait (module docstring)."""
+    """Training's share of engine time while requests wait (module docstring).
 
-    def __init__(self, share: float, max_credit_s: float = 1.0):
+    A slice starts only once the credit covers a whole slice (the last one's duration, the
+    estimate of the next): the time is earned before it is spent, so even a short burst of
+    traffic is slowed by at most the share, never by a slice borrowed at its first step.
+    """
+
+    def __init__(self, share: float, min_cap_s: float = 1.0):
         if not 0.0 < share <= 1.0:
             raise ValueError(f"--train-share must be in (0, 1], not {share}")
-        self.share, self.max_credit = share, max_credit_s
+        self.share, self.min_cap = share, min_cap_s
         self.credit = 0.0
+        self.slice_s = 0.0  # the last slice's duration
 
     def served(self, step_s: float) -> None:
+        cap = max(self.min_cap, 2 * self.slice_s)  # room for one slice, never an unbounded bank
         if self.share >= 1.0:
-            self.credit = self.max_credit
+            self.credit = cap
             return
-        self.credit = min(self.max_credit, self.credit + step_s * self.share / (1.0 - self.share))
+        self.credit = min(cap, self.credit + step_s * self.share / (1.0 - self.share))
 
     def may_train(self, busy: bool) -> bool:
-        return not busy or self.credit > 0.0
+        return not busy or self.credit >= self.slice_s
 
     def trained(self, busy: bool, seconds: float) -> None:
+        self.slice_s = seconds
         self.credit = self.credit - seconds if busy else 0.0
 
 
