@@ -144,7 +144,9 @@ class Core:
         self.default_max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, cfg.max_new_tokens)
         # transformers re-applies truncation / padding settings on the shared Rust tokenizer per
         # call; concurrent calls can collide ("Already borrowed"), so encoding is serialised.
-        self._tok_lock = threading.Lock()
+        self.tok_lock = threading.Lock()
+        #: fine-tuning jobs (runtime/training/service.py), set by app.py when --data-dir allows
+        self.training = None
         self.gauges_dirty = threading.Event()  # set on adapter events; the refresher waits on it
         self._prefix_reported = PrefixCacheStats()  # engine totals already added to the counters
 
@@ -221,7 +223,7 @@ class Core:
         self.check_prompt_size(prompt)
         if prompt.ids:
             return list(prompt.ids)
-        with self._tok_lock:
+        with self.tok_lock:
             if prompt.text:
                 return list(self.tokenizer(prompt.text, add_special_tokens=True)["input_ids"])
             return self._chat_ids(prompt.messages)
@@ -272,26 +274,26 @@ class Core:
                                   time.monotonic() - t0, None)
 
     def _token_infos(self, ids: list[int]) -> list[TokenInfo]:
-        with self._tok_lock:
+        with self.tok_lock:
             return [TokenInfo(i, self.tokenizer.decode([i], skip_special_tokens=False)) for i in ids]
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each id's own text (logprob listings name tokens this way)."""
-        with self._tok_lock:
+        with self.tok_lock:
             return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
     def decode(self, ids: list[int]) -> str:
-        with self._tok_lock:
+        with self.tok_lock:
             return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def tokenize(self, prompt: Prompt, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
         if prompt.text and not add_special_tokens:
             self.check_prompt_size(prompt)
-            with self._tok_lock:
+            with self.tok_lock:
                 ids = list(self.tokenizer(prompt.text, add_special_tokens=False)["input_ids"])
         else:
             ids = self.encode(prompt)
-        with self._tok_lock:
+        with self.tok_lock:
             return ids, list(self.tokenizer.convert_ids_to_tokens(ids))
 
     def model_info(self) -> dict:

@@ -94,7 +94,7 @@ class TrainingService:
         root.mkdir(parents=True, exist_ok=True)
         if root not in store.roots:
             store.roots.append(root)
-        scheduler = TrainingScheduler(state, core.base, base_id, core._tok_lock, Publisher(root, core.loader),
+        scheduler = TrainingScheduler(state, core.base, base_id, core.tok_lock, Publisher(root, core.loader),
                                       cfg.train_share, core.metrics)
         service = cls(data_dir, state, FileStore(data_dir, state, limits.files), scheduler, base_id, limits)
         service._lock_file = lock  # held (flock) for the life of the process
