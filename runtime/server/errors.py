@@ -57,34 +57,39 @@ def http_status_for(error: BaseException) -> tuple[int, str, str]:
     return 500, "server_error", INTERNAL_MESSAGE
 
 
-def _abort(context: grpc.ServicerContext, error: Exception) -> None:
-    code, message = status_for(error)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("request failed: %s", error, exc_info=error)
-    context.abort(code, message)  # raises
+def decorators(status=status_for):
+    """(unary, stream) servicer decorators whose failures become statuses by `status` (an
+    exception -> (code, message) function; the server's table by default). A status of
+    INTERNAL is a bug: logged with its traceback, shown to the client as INTERNAL_MESSAGE."""
+
+    def abort(context: grpc.ServicerContext, error: Exception) -> None:
+        code, message = status(error)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("request failed: %s", error, exc_info=error)
+        context.abort(code, message)  # raises
+
+    def unary(method):
+        @functools.wraps(method)
+        def wrapper(self, request, context):
+            try:
+                return method(self, request, context)
+            except Exception as e:  # noqa: BLE001 - every failure becomes a status, never a crash
+                abort(context, e)
+
+        return wrapper
+
+    def stream(method):
+        @functools.wraps(method)
+        def wrapper(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as e:  # noqa: BLE001
+                abort(context, e)
+
+        return wrapper
+
+    return unary, stream
 
 
-def unary(method):
-    """Decorate a unary servicer method: domain exceptions become statuses."""
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            return method(self, request, context)
-        except Exception as e:  # noqa: BLE001 - every failure becomes a status, never a crash
-            _abort(context, e)
-
-    return wrapper
-
-
-def stream(method):
-    """Decorate a server-streaming servicer method (a generator) the same way."""
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            yield from method(self, request, context)
-        except Exception as e:  # noqa: BLE001
-            _abort(context, e)
-
-    return wrapper
+#: decorate a unary / server-streaming servicer method: domain exceptions become statuses
+unary, stream = decorators()

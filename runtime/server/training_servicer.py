@@ -7,7 +7,6 @@ interceptor before this runs (app.py gives Training the Adapters rule).
 """
 from __future__ import annotations
 
-import functools
 import logging
 import time
 
@@ -28,36 +27,13 @@ _DOMAIN = ((NotFound, grpc.StatusCode.NOT_FOUND), (Conflict, grpc.StatusCode.FAI
            (FileTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED))
 
 
-def _abort(context: grpc.ServicerContext, error: Exception) -> None:
-    """The training domain's errors by _DOMAIN, the rest by the server's table (raises)."""
+def _status(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The training domain's errors by _DOMAIN, the rest by the server's table."""
     code = next((c for cls, c in _DOMAIN if isinstance(error, cls)), None)
-    if code is None:
-        code, message = errors.status_for(error)
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("training request failed: %s", error, exc_info=error)
-    else:
-        message = str(error)
-    context.abort(code, message)
+    return errors.status_for(error) if code is None else (code, str(error))
 
 
-def _unary(method):
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            return method(self, request, context)
-        except Exception as e:  # noqa: BLE001 - every failure becomes a status
-            _abort(context, e)
-    return wrapper
-
-
-def _stream(method):
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            yield from method(self, request, context)
-        except Exception as e:  # noqa: BLE001
-            _abort(context, e)
-    return wrapper
+_unary, _stream = errors.decorators(_status)
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServicer):
