@@ -31,6 +31,7 @@ from runtime.engine.params import InvalidParams
 from runtime.server import auth
 from runtime.server.http.access import guard, read_body, too_large
 from runtime.server.http.errors import HttpError
+from runtime.server.http.schemas import json_object
 from runtime.training.files import FileRejected, FileTooLarge, file_object
 from runtime.training.service import Conflict, NotFound, UnknownModel
 
@@ -107,7 +108,7 @@ def build_router(ctx) -> APIRouter:
 
     @r.post("/v1/fine_tuning/jobs", dependencies=[admin])
     async def create_job(request: Request):
-        body = _json_object(await read_body(request, ctx.max_body_bytes))
+        body = json_object(await read_body(request, ctx.max_body_bytes))
         return await call(service.create_job, body)
 
     @r.get("/v1/fine_tuning/jobs", dependencies=[admin])
@@ -164,20 +165,6 @@ def _int(query, name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise InvalidParams(name, f"must be an integer, not {raw!r}") from None
-
-
-def _json_object(raw: bytes) -> dict:
-    import json
-
-    try:
-        data = json.loads(raw)
-    except RecursionError:
-        raise InvalidParams("body", "is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidParams("body", f"is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InvalidParams("body", f"must be a JSON object, got {type(data).__name__}")
-    return data
 
 
 async def _capped(request: Request, limit: int):

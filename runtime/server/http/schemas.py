@@ -99,8 +99,8 @@ class UnloadLoraRequest(_Strict):
     lora_int_id: int | None = None  # vLLM's clients may send it; ids are names here
 
 
-def parse_body(model: type[_Strict], raw: bytes) -> Any:
-    """raw JSON -> model instance; InvalidParams (400) naming the first bad field otherwise."""
+def json_object(raw: bytes) -> dict:
+    """raw bytes -> a JSON object; InvalidParams (400) for bad JSON, deep nesting or another type."""
     try:
         data = json.loads(raw)
     except RecursionError:
@@ -109,6 +109,12 @@ def parse_body(model: type[_Strict], raw: bytes) -> Any:
         raise InvalidParams("body", f"is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise InvalidParams("body", f"must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def parse_body(model: type[_Strict], raw: bytes) -> Any:
+    """raw JSON -> model instance; InvalidParams (400) naming the first bad field otherwise."""
+    data = json_object(raw)
     refuse_unsupported(data)
     try:
         return model.model_validate(data)
