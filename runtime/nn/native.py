@@ -25,6 +25,7 @@ import ctypes
 import functools
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def extension():
     try:
         from torch.utils.cpp_extension import load
 
+        _ninja_on_path()
         out = build_directory()
         out.mkdir(parents=True, exist_ok=True)
         return load("quiver_native", [str(s) for s in SOURCES], extra_cflags=CFLAGS,
@@ -69,6 +71,15 @@ def extension():
         log.warning("native decode path unavailable (%s: %s); decode steps run the Python modules",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
+
+
+def _ninja_on_path() -> None:
+    """torch's loader runs `ninja` from PATH; the pip package puts it beside this interpreter,
+    which a process started as `.venv/bin/quiver` (or by a service manager) may not have on
+    PATH."""
+    here = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (here / "ninja").exists():
+        os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 class NativeDecode:
