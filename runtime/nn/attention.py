@@ -62,6 +62,9 @@ class AttentionBatch:
     #: when a list, each layer appends its (k, v) [T, H_kv, hd] (prompt-tuning KV precompute)
     capture: list | None = None
 
+    #: csrc/paged_attention.cpp's kernel where it applies to this cache (CPU fp32, extension
+    #: built), looked up once per step by `prepare`; None: SDPA over gathered keys
+    paged: object | None = None
     batch_decode: bool = True  # group q_len == 1 rows into one call (False: loop every row)
     _prepared: bool = False
     looped_rows: list[AttnRow] = field(default_factory=list)  # rows attended one by one
@@ -99,6 +102,7 @@ class AttentionBatch:
         if self._prepared:
             return
         self.sliding_window = sliding_window
+        self.paged = paged_attention(self.cache)
         if self.cache is not None and self.batch_decode:
             self._group_decode_rows()
         grouped = set(self.decode_rows)
@@ -114,7 +118,7 @@ class AttentionBatch:
         self.decode_rows = dec
         self.decode_tokens = torch.tensor([self.rows[i].q_start for i in dec])
         self.all_decode = len(dec) == len(self.rows)  # then row i is token i (q_len 1 each)
-        if paged_attention(self.cache) is not None:
+        if self.paged is not None:
             self._page_decode_rows(dec)
             return
         blocks = self.rows[dec[0]].seq.blocks
@@ -198,8 +202,8 @@ def attend(batch: AttentionBatch, layer: int, q: torch.Tensor, k: torch.Tensor, 
 def _attend_decode_group(batch: AttentionBatch, layer: int, qd: torch.Tensor) -> torch.Tensor:
     """The decode rows' queries qd [Bd, H, hd] against their cached keys -> [Bd, H, hd]."""
     if batch.decode_lens is not None:  # the paged kernel reads the pool in place (native.py)
-        return paged_attention(batch.cache)(qd, batch.cache.pool, layer, batch.decode_table,
-                                            batch.decode_lens, batch.decode_los)
+        return batch.paged(qd, batch.cache.pool, layer, batch.decode_table, batch.decode_lens,
+                           batch.decode_los)
     if batch.decode_span is not None:  # one row, consecutive blocks: its keys as a view
         b0, lo, hi = batch.decode_span
         kd, vd = batch.cache.span(layer, b0, lo, hi)  # [1, H_kv, hi - lo, hd]

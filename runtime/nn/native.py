@@ -135,7 +135,7 @@ class NativeDecode:
         (the paged decode kernel), whose LoRA rows (if any, DoRA included) take the runs or slab
         path. Embedding LoRA is applied before the layers and prompt / prefix tuning live in the
         cache: both are fine. Not the prompt-tuning KV precompute (`capture`)."""
-        if attn.cache is None or attn.capture is not None or paged_attention(attn.cache) is None:
+        if attn.capture is not None or attn.paged is None:  # set by attn.prepare (cache-only)
             return False
         if adapters is None or not adapters.has_lora:
             return True
