@@ -165,11 +165,7 @@ def _repetition_penalty_(
     if prev_tokens is None:
         raise ValueError("prev_tokens is required for rows with a repetition penalty")
     V = x.shape[1]
-    seen = [_ids(prev_tokens[i]) for i in rows]
-    # Pad with V, an extra column dropped afterwards (HF's trick); ids >= V land there too.
-    seen_ids = pad_sequence(seen, batch_first=True, padding_value=V).clamp_(max=V)  # [R, L]
-    if seen_ids.device != x.device:
-        seen_ids = _to_device(seen_ids, torch.long, x.device)
+    seen_ids = _padded_ids([prev_tokens[i] for i in rows], V, x.device)  # [R, L]
     penalty = _row_values([params[i].repetition_penalty for i in rows], x, torch.float32)
 
     def penalise(xr: Tensor) -> Tensor:  # xr: [R, V]
@@ -192,9 +188,7 @@ def _output_penalties_(
     if output_tokens is None:
         raise ValueError("output_tokens is required for rows with a presence or frequency penalty")
     V = x.shape[1]
-    gen = [_ids(output_tokens[i]) for i in rows]
-    gen_ids = pad_sequence(gen, batch_first=True, padding_value=V).clamp_(max=V)  # [R, G]
-    gen_ids = _to_device(gen_ids, torch.long, x.device) if gen_ids.device != x.device else gen_ids
+    gen_ids = _padded_ids([output_tokens[i] for i in rows], V, x.device)  # [R, G]
     freq = _row_values([params[i].frequency_penalty for i in rows], x, torch.float32)  # [R, 1]
     pres = _row_values([params[i].presence_penalty for i in rows], x, torch.float32)  # [R, 1]
 
@@ -205,6 +199,13 @@ def _output_penalties_(
         return xr - counts * freq - (counts > 0).to(xr.dtype) * pres
 
     _on_rows(x, rows, penalise)
+
+
+def _padded_ids(rows: Sequence[Tensor | Sequence[int] | None], V: int, device: torch.device) -> Tensor:
+    """Each row's token ids as one [R, L] int64 tensor on `device`, padded with V: an extra
+    column the penalties use and drop afterwards (HF's trick); ids >= V land there too."""
+    ids = pad_sequence([_ids(t) for t in rows], batch_first=True, padding_value=V).clamp_(max=V)
+    return _to_device(ids, torch.long, device) if ids.device != device else ids
 
 
 def _ids(tokens: Tensor | Sequence[int] | None) -> Tensor:
