@@ -225,6 +225,11 @@ class ServerConfig:
     max_device_adapters: int = 16  # device slots
     max_lora_rank: int = 16  # slot rank: larger LoRA ranks are refused at load
     adapter_load_timeout_s: float = 120.0  # a request waiting on a lazy load gives up after this
+    #: a store every replica shares (runtime/adapters/s3_store.py): s3://bucket/prefix, read into
+    #: adapter_cache_dir; a plain directory here is the same as adapter_dir
+    adapter_store: str | None = None
+    adapter_cache_dir: str | None = None  # None = $QUIVER_HOME/adapter-cache/<bucket>/<prefix>
+    s3_endpoint_url: str | None = None  # None = AWS_ENDPOINT_URL(_S3) or AWS itself
     # ---- engine
     max_batch_tokens: int = 512
     max_running: int = 64
@@ -276,9 +281,24 @@ class ServerConfig:
         for name in ("max_file_bytes", "max_file_rows", "max_train_epochs", "max_train_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.preload and not self.adapter_dir:
-            raise ValueError("--preload needs --adapter-dir (ids are read from <adapter-dir>/<id>)")
+        self._check_store()
         self._check_security()
+
+    def _check_store(self) -> None:
+        if self.adapter_store and not self.adapter_store.startswith("s3://"):
+            if self.adapter_dir and self.adapter_dir != self.adapter_store:
+                raise ValueError("--adapter-store DIR and --adapter-dir name the same thing; give one")
+            self.adapter_dir = self.adapter_store
+        elif self.adapter_store and self.adapter_dir:
+            raise ValueError("--adapter-store s3://... keeps its local copies in --adapter-cache-dir; "
+                             "drop --adapter-dir")
+        if self.preload and not (self.adapter_dir or self.adapter_store):
+            raise ValueError("--preload needs --adapter-dir (ids are read from <adapter-dir>/<id>)")
+
+    @property
+    def remote_store(self) -> bool:
+        """Adapters come from an object store shared with other servers (s3://)."""
+        return bool(self.adapter_store) and self.adapter_store.startswith("s3://")
 
     def _check_security(self) -> None:
         # An empty token (an unset environment variable expanded to "") means "no token", never

@@ -10,6 +10,11 @@ loader.py): the directory must still resolve to the path that was checked, and t
 reader opens (config, weights; they may be symlinks, e.g. into a Hugging Face cache's blobs/) must
 resolve inside a root too. What this cannot catch is a swap that is undone before the read ends;
 it takes write access to the adapter directory, which is already the power to serve any adapter.
+
+A store may also be remote (s3_store.py: `--adapter-store s3://bucket/prefix`): then the adapter
+directory is its local cache, `fetch` brings an id into it before the checks above run on the
+copy, and `publish` writes a finished adapter (a fine-tuning job's, runtime/training) back, so
+every server sharing the store can serve it. For a local directory both are no-ops.
 """
 from __future__ import annotations
 
@@ -23,6 +28,10 @@ MAX_ADAPTER_ID_LEN = 256
 
 class AdapterPathError(ValueError):
     """An adapter id or source path that is malformed or points outside the allowed roots."""
+
+
+class AdapterStoreUnavailable(OSError):
+    """A remote adapter store could not be reached (retryable: UNAVAILABLE / 503)."""
 
 
 def validate_adapter_id(adapter_id: str) -> None:
@@ -63,6 +72,19 @@ class AdapterStore:
             raise AdapterPathError(f"adapter id {adapter_id!r} resolves outside the adapter directory")
         return path
 
+    def fetch(self, adapter_id: str) -> Path:
+        """The local directory `adapter_id` loads from (path_for_id). A remote store downloads it
+        into its cache first; here it is already local, present or not."""
+        return self.path_for_id(adapter_id)
+
+    def publish(self, adapter_id: str, path: Path) -> None:
+        """Make the adapter at `path` (a directory under an allowed root) servable as
+        `adapter_id` by every server sharing this store. A local directory is shared as it is."""
+
+    def describe(self) -> str:
+        """Where adapters come from, for messages and listings."""
+        return str(self.adapter_dir) if self.adapter_dir is not None else "(no adapter directory)"
+
     def check_source(self, source: str) -> Path:
         """A LoadAdapter source: an absolute path, or relative to the adapter dir; must lie under
         an allowed root after symlinks are resolved."""
@@ -91,3 +113,14 @@ class AdapterStore:
             if (path / name).exists() and not any(_inside(target, root) for root in self.roots):
                 raise AdapterPathError(f"{path / name} links outside the allowed adapter roots "
                                        "(--adapter-dir, --allow-adapter-root); not loaded")
+
+
+def open_store(adapter_dir: str | None, allowed_roots=(), adapter_store: str | None = None,
+               cache_dir: str | None = None, endpoint_url: str | None = None) -> AdapterStore:
+    """The store a server's flags describe: `adapter_store` s3://bucket/prefix (cached under
+    `cache_dir`), else the local `adapter_dir` (or none)."""
+    if adapter_store and adapter_store.startswith("s3://"):
+        from runtime.adapters.s3_store import S3AdapterStore  # boto3 only when asked for
+
+        return S3AdapterStore(adapter_store, cache_dir, allowed_roots, endpoint_url=endpoint_url)
+    return AdapterStore(adapter_store or adapter_dir, allowed_roots)

@@ -37,7 +37,7 @@ from grpc_reflection.v1alpha import reflection
 
 from runtime.adapters.loader import AdapterLoader
 from runtime.adapters.registry import AdapterRegistry
-from runtime.adapters.store import AdapterStore
+from runtime.adapters.store import open_store
 from runtime.config import ServerConfig
 from runtime.engine.engine import Engine, EngineConfig
 from runtime.engine.loop import EngineLoop
@@ -76,7 +76,8 @@ def build_server(cfg: ServerConfig, base: LoadedBase | None = None,
     set_threads(cfg.threads)
     base = base or load_base(cfg.model, cfg.quantize, cfg.dtype, cfg.device, cfg.nf4_kernel)
     registry = AdapterRegistry(base.model, num_slots=cfg.max_device_adapters, max_rank=cfg.max_lora_rank)
-    store = AdapterStore(cfg.adapter_dir, cfg.allow_adapter_roots)
+    store = open_store(cfg.adapter_dir, cfg.allow_adapter_roots, cfg.adapter_store,
+                       cfg.adapter_cache_dir, cfg.s3_endpoint_url)
     loader = AdapterLoader(registry, store, base.config)
     engine = Engine(base.model, base.tokenizer, registry, EngineConfig(
         max_batch_tokens=cfg.max_batch_tokens, max_running=cfg.max_running,

@@ -247,7 +247,7 @@ class Core:
             return
         if self.store.adapter_dir is None:
             raise UnknownAdapter(adapter_id, "no --adapter-dir is set to load it from")
-        path = self.store.path_for_id(adapter_id)
+        path = self.store.fetch(adapter_id)  # a remote store (s3_store.py) copies it in first
         if not path.is_dir():
             raise UnknownAdapter(adapter_id, f"there is no directory {adapter_id!r} in the adapter dir")
         if self.registry.is_unloading(adapter_id):  # loadable again once its requests finish

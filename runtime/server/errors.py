@@ -13,7 +13,7 @@ import logging
 import grpc
 
 from runtime.adapters.registry import AdapterBusy, AdapterNotFound
-from runtime.adapters.store import AdapterPathError
+from runtime.adapters.store import AdapterPathError, AdapterStoreUnavailable
 from runtime.adapters.types import AdapterFormatError
 from runtime.engine.engine import QueueFull
 from runtime.engine.loop import ShuttingDown
@@ -35,6 +35,7 @@ ERROR_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, int, str], ...] =
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable_error"),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout_error"),
     (RequestFailed, grpc.StatusCode.INTERNAL, 500, "server_error"),
+    (AdapterStoreUnavailable, grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable_error"),
     (OSError, grpc.StatusCode.INTERNAL, 500, "server_error"),  # the server's disk, e.g. an unreadable adapter file
 )
 STATUS_BY_EXCEPTION: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = tuple(

@@ -42,6 +42,14 @@ def add_parser(sub) -> None:
     ad.add_argument("--adapter-dir", default=None,
                     help="directory of PEFT adapters: an unknown adapter id is loaded from "
                          "<adapter-dir>/<id> on first use")
+    ad.add_argument("--adapter-store", default=None, metavar="URI",
+                    help="a store every server shares: s3://bucket/prefix (AWS settings from the "
+                         "environment; README \"Ray Serve\"), or a directory (= --adapter-dir)")
+    ad.add_argument("--adapter-cache-dir", default=None, metavar="DIR",
+                    help="local copies of an s3:// store's adapters (default: "
+                         "$QUIVER_HOME/adapter-cache/<bucket>/<prefix>)")
+    ad.add_argument("--s3-endpoint-url", default=None, metavar="URL",
+                    help="an S3-compatible server (MinIO, Ceph...; default: AWS_ENDPOINT_URL or AWS)")
     ad.add_argument("--allow-adapter-root", action="append", default=[], metavar="DIR",
                     dest="allow_adapter_roots",
                     help="another directory LoadAdapter may read sources from (repeatable)")
@@ -121,6 +129,8 @@ def config_from_args(args: argparse.Namespace):
         served_model_name=args.served_model_name,
         grpc_workers=args.grpc_workers, adapter_dir=args.adapter_dir,
         allow_adapter_roots=args.allow_adapter_roots, preload=args.preload,
+        adapter_store=args.adapter_store, adapter_cache_dir=args.adapter_cache_dir,
+        s3_endpoint_url=args.s3_endpoint_url,
         max_device_adapters=args.max_device_adapters, max_lora_rank=args.max_lora_rank,
         max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
         kv_cache_tokens=args.kv_cache_tokens, prefix_cache=args.prefix_cache,

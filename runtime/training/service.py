@@ -57,10 +57,12 @@ class TrainingLimits:
 
 
 class Publisher:
-    """Makes a finished adapter servable at once: registered in the running server by id."""
+    """Makes a finished adapter servable at once: registered in the running server by id, then
+    written to the adapter store, so every server sharing it (an S3 store: Ray replicas, other
+    machines) can serve it too (store.publish; a no-op for a local directory)."""
 
-    def __init__(self, root: Path, loader):
-        self.root, self.loader = root, loader
+    def __init__(self, root: Path, loader, store):
+        self.root, self.loader, self.store = root, loader, store
 
     def __call__(self, adapter_id: str, path: Path) -> None:
         try:
@@ -68,6 +70,7 @@ class Publisher:
         except FuturesTimeout as e:
             raise TimeoutError(f"the adapter {adapter_id!r} was not registered within "
                                f"{PUBLISH_TIMEOUT_S:.0f} s") from e
+        self.store.publish(adapter_id, path)  # after the load: only a valid adapter goes up
 
 
 class TrainingService:
@@ -94,7 +97,7 @@ class TrainingService:
         root.mkdir(parents=True, exist_ok=True)
         if root not in store.roots:
             store.roots.append(root)
-        scheduler = TrainingScheduler(state, core.base, base_id, core.tok_lock, Publisher(root, core.loader),
+        scheduler = TrainingScheduler(state, core.base, base_id, core.tok_lock, Publisher(root, core.loader, store),
                                       cfg.train_share, core.metrics)
         service = cls(data_dir, state, FileStore(data_dir, state, limits.files), scheduler, base_id, limits)
         service._lock_file = lock  # held (flock) for the life of the process
