@@ -12,7 +12,10 @@ After an approximate matmul the EXACT_TOP best candidates of each row are recomp
 model dtype: int8 / bf16 move a logit by ~0.1-0.4%, enough to swap two near-tied tokens, so
 without this the greedy choice and the top logprobs could differ from transformers' fp32 head.
 The rest of the vocabulary keeps its approximate logit (the far tail of a sampling
-distribution only). `reference` is the plain matmul everything is tested against.
+distribution only). On CPU the conversion, the top-k and the exact products run as one pass
+over each row (csrc/lm_head.cpp: torch's to / topk / gather / bmm / scatter read the [n, vocab]
+logits four times, ~5% of a 64-row decode step); `refine` is its torch form and the path without
+the extension. `reference` is the plain matmul everything is tested against.
 """
 from __future__ import annotations
 
@@ -35,15 +38,17 @@ class LmHead(nn.Module):
         self.register_buffer("bf16", None, persistent=False)  # [vocab, hidden]
         self.register_buffer("int8", None, persistent=False)  # [vocab, hidden]
         self.register_buffer("int8_scale", None, persistent=False)  # [vocab] bf16
+        self._fused_refine = None  # csrc/lm_head.cpp's kernel, where `use` found it applies
 
     def use(self, approximate: bool) -> str:
         """approximate=False: exact (the model dtype). True: bf16, and int8 for small batches
         where this torch has the kernel. Returns what it runs."""
-        self.bf16 = self.int8 = self.int8_scale = None
+        self.bf16 = self.int8 = self.int8_scale = self._fused_refine = None
         if not approximate or self.weight.dtype == torch.bfloat16:
             return str(self.weight.dtype).removeprefix("torch.")
         w = self.weight.detach()
         self.bf16 = w.to(torch.bfloat16)
+        self._fused_refine = _refine_kernel(w)
         if w.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
             scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)  # [vocab]
             self.int8 = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
@@ -60,6 +65,9 @@ class LmHead(nn.Module):
             logits = torch._weight_int8pack_mm(xb, self.int8, self.int8_scale)
         else:
             logits = F.linear(xb, self.bf16)
+        if self._fused_refine is not None and x.dtype == torch.float32 and not (
+                x.requires_grad and torch.is_grad_enabled()):
+            return self._fused_refine(logits, x, self.weight.detach(), EXACT_TOP)
         return self.refine(x, logits.to(x.dtype))
 
     def refine(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -80,3 +88,13 @@ class LmHead(nn.Module):
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+
+def _refine_kernel(weight: torch.Tensor):
+    """csrc/lm_head.cpp's fused exact pass for a CPU fp32 contiguous weight, else None (then
+    `LmHead.refine` in torch)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not weight.is_contiguous():
+        return None
+    from runtime.nn.native import lm_head_refine_kernel
+
+    return lm_head_refine_kernel()

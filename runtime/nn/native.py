@@ -34,7 +34,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / f for f in ("decode_stack.cpp", "paged_attention.cpp",
-                                                              "elementwise.cpp", "lora_rows.cpp")]
+                                                              "elementwise.cpp", "lora_rows.cpp",
+                                                              "lm_head.cpp")]
 #: built where it runs, so for this CPU; -fopenmp-simd lets the attention loops vectorize
 CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
 #: a layer's projections in the C++ stack's order (its `Member` enum)
@@ -200,6 +201,12 @@ def lora_rows_kernel():
     """csrc/lora_rows.cpp's (lora_rows, lora_rows_) for a few rows of one adapter, or None."""
     ext = extension()
     return None if ext is None else (ext.lora_rows, ext.lora_rows_)
+
+
+def lm_head_refine_kernel():
+    """csrc/lm_head.cpp's one-pass exact top-k over bf16 logits (CPU), or None without the extension."""
+    ext = extension()
+    return None if ext is None else ext.lm_head_refine
 
 
 def applicable(model) -> bool:

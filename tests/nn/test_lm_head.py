@@ -44,3 +44,65 @@ def test_near_ties_follow_the_exact_logits():
     h.use(approximate=True)
     assert int(h(x).argmax()) == int(h.reference(x).argmax()) == 7
     assert EXACT_TOP >= 2
+
+
+def _fused_refine():
+    from runtime.nn.native import lm_head_refine_kernel
+
+    kernel = lm_head_refine_kernel()
+    if kernel is None:
+        pytest.skip("no C++ extension here (the torch refine serves)")
+    return kernel
+
+
+def assert_refined(got, approx, x, weight, k):
+    """got is `approx` (bf16 logits) as fp32 with each row's k largest made exact: entries
+    above a row's k-th largest approximate value are exact, entries below it are the
+    approximate value, and of those equal to it (bf16 ties are common) some k in all are
+    exact. Exact: the fp32 product, to fp32 accuracy (another summation order)."""
+    a = approx.float()
+    exact = x @ weight.T  # [n, V]
+    kth = a.topk(min(k, a.shape[1]), dim=-1).values[:, -1:]  # [n, 1]
+    is_exact = (got - exact).abs() <= 1e-5 * exact.abs() + 1e-6
+    is_approx = got == a
+    assert (is_exact | is_approx).all()
+    assert is_exact[a > kth].all()
+    assert is_approx[a < kth].all()
+    made_exact = (got != a) | ((a >= kth) & is_exact)
+    assert (made_exact.sum(-1) >= min(k, a.shape[1])).all()
+
+
+@pytest.mark.parametrize("rows,vocab,k", [(1, 4096, EXACT_TOP), (7, 4099, EXACT_TOP), (64, 1000, 5),
+                                          (3, 20, 32)])
+def test_fused_refine_makes_the_top_candidates_exact(rows, vocab, k):
+    """csrc/lm_head.cpp: the k best entries exact, every other the approximate logit as fp32;
+    odd vocabularies (a vector tail), k above the vocabulary; and LmHead.refine (its torch
+    form) meets the same contract."""
+    kernel = _fused_refine()
+    g = torch.Generator().manual_seed(rows)
+    h = LmHead(torch.randn(vocab, 96, generator=g) * 0.05)
+    x = torch.randn(rows, 96, generator=g)
+    approx = torch.nn.functional.linear(x.bfloat16(), h.weight.bfloat16())
+    assert_refined(kernel(approx, x, h.weight, k), approx, x, h.weight, k)
+    if k == EXACT_TOP:
+        assert_refined(h.refine(x, approx.float()), approx, x, h.weight, k)
+
+
+def test_fused_refine_is_what_the_head_runs_on_cpu():
+    """The approximate head on CPU (bf16 rows) takes the fused pass."""
+    _fused_refine()
+    h = head(vocab=2048)
+    h.use(approximate=True)
+    assert h._fused_refine is not None
+    x = torch.randn(INT8_MAX_ROWS + 3, 96)
+    approx = torch.nn.functional.linear(x.bfloat16(), h.bf16)
+    assert_refined(h(x), approx, x, h.weight, EXACT_TOP)
+
+
+def test_fused_refine_refuses_bad_shapes():
+    kernel = _fused_refine()
+    w = torch.randn(100, 16)
+    with pytest.raises(RuntimeError, match="bf16"):
+        kernel(torch.randn(2, 100), torch.randn(2, 16), w, 4)
+    with pytest.raises(RuntimeError, match="W must be"):
+        kernel(torch.randn(2, 100).bfloat16(), torch.randn(2, 16), torch.randn(99, 16), 4)

@@ -46,6 +46,8 @@ at::Tensor lora_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor&
                      double scale, const std::optional<at::Tensor>& bias);
 void lora_rows_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
                 double scale, const std::optional<at::Tensor>& bias);
+// csrc/lm_head.cpp
+at::Tensor lm_head_refine(const at::Tensor& approx, const at::Tensor& x, const at::Tensor& W, int64_t k);
 // up to this many rows a run's LoRA takes lora_rows (lora.py: LORA_ROWS_MAX)
 constexpr int64_t kLoraRowsMax = 8;
 }  // namespace quiver
@@ -449,4 +451,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotate", &quiver::rotate, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_rows", &quiver::lora_rows, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_rows_", &quiver::lora_rows_, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("lm_head_refine", &quiver::lm_head_refine, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -1,0 +1,117 @@
+// The lm_head's exact pass over approximate logits, in one read of them (runtime/nn/lm_head.py):
+//
+//   approx [n, V] bf16 (the int8 / bf16 matmul's output), x [n, h] fp32, W [V, h] fp32
+//   out [n, V] fp32 = approx, except each row's k largest entries, which become x[i] . W[j]
+//
+// In torch this is four passes over [n, V] and a gather of k weight rows per row
+// (to(float), topk, W[top] @ x, scatter): at 64 rows of SmolLM2's 49152-token vocabulary ~5% of
+// a decode step, most of it memory traffic. Here each row is converted and scanned once: the
+// running k-th largest value is a threshold that 16 lanes are compared against at a time, and
+// only lanes above it touch the small heap, so the scan costs about the conversion. The k exact
+// dot products then read their weight rows in place.
+//
+// The reference is LmHead.refine_reference (torch.topk + bmm); tests/nn/test_lm_head.py holds
+// this to it. Ties at the k-th value keep the lowest ids (torch.topk may pick others: both are
+// a valid top k, and the entries left out keep their approximate logit either way).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace quiver {
+
+namespace {
+
+using Entry = std::pair<float, int64_t>;  // (value, id); the heap's top is its smallest value
+
+// A min-heap order on values: the heap's front is its smallest entry.
+inline bool larger(const Entry& a, const Entry& b) { return a.first > b.first; }
+
+// Offer (v, id) to a heap of at most k entries; returns the new threshold: the heap's smallest
+// value once it holds k, else -inf (everything is taken).
+inline float offer(std::vector<Entry>& heap, int64_t k, float v, int64_t id) {
+  if (static_cast<int64_t>(heap.size()) < k) {
+    heap.emplace_back(v, id);
+    std::push_heap(heap.begin(), heap.end(), larger);
+  } else if (v > heap.front().first) {
+    std::pop_heap(heap.begin(), heap.end(), larger);
+    heap.back() = Entry(v, id);
+    std::push_heap(heap.begin(), heap.end(), larger);
+  }
+  return static_cast<int64_t>(heap.size()) < k ? -std::numeric_limits<float>::infinity() : heap.front().first;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t d = 0;
+  float sum = 0.0f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; d + 16 <= n; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+// One row: out = float(approx), keeping the k largest (value, id) in `heap`.
+void convert_and_select(const at::BFloat16* src, float* dst, int64_t V, int64_t k, std::vector<Entry>& heap) {
+  heap.clear();
+  float thresh = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (; i + 16 <= V; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    _mm512_storeu_ps(dst + i, v);
+    __mmask16 above = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thresh), _CMP_GT_OQ);
+    while (above) {  // rare once the heap is full: a lane above the k-th largest so far
+      const int j = __builtin_ctz(above);
+      above &= above - 1;
+      if (dst[i + j] > thresh) thresh = offer(heap, k, dst[i + j], i + j);
+    }
+  }
+#endif
+  for (; i < V; ++i) {
+    dst[i] = static_cast<float>(src[i]);
+    if (dst[i] > thresh) thresh = offer(heap, k, dst[i], i);
+  }
+}
+
+}  // namespace
+
+at::Tensor lm_head_refine(const at::Tensor& approx_, const at::Tensor& x_, const at::Tensor& W, int64_t k) {
+  TORCH_CHECK(approx_.dim() == 2 && approx_.scalar_type() == at::kBFloat16, "approx logits must be [n, V] bf16");
+  TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat && x_.size(0) == approx_.size(0), "x must be [n, h] fp32");
+  TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kFloat && W.is_contiguous() && W.size(0) == approx_.size(1) &&
+                  W.size(1) == x_.size(1),
+              "W must be a contiguous [V, h] fp32 weight");
+  const at::Tensor approx = approx_.contiguous(), x = x_.contiguous();
+  const int64_t n = approx.size(0), V = approx.size(1), h = x.size(1);
+  TORCH_CHECK(k >= 1, "k must be at least 1");
+  k = std::min(k, V);
+  at::Tensor out = at::empty({n, V}, x.options());
+  const at::BFloat16* ap = approx.data_ptr<at::BFloat16>();
+  const float* xp = x.data_ptr<float>();
+  const float* wp = W.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Entry> heap;
+    heap.reserve(k + 1);
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = op + r * V;
+      convert_and_select(ap + r * V, row, V, k, heap);
+      for (const Entry& e : heap) row[e.second] = dot(wp + e.second * h, xp + r * h, h);
+    }
+  });
+  return out;
+}
+
+}  // namespace quiver
