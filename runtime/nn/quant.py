@@ -158,12 +158,18 @@ class QuantLinear(nn.Module):
             return self.weight
         return unpack_fused_codes(self.weight, self.out_features, self.in_features)
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight the 4-bit codes stand for, [out, in], from the standard statistics
-        (DoRA norms and gradients need it; the same values on every kernel)."""
+        (DoRA norms and gradients need it; the same values on every kernel), in `dtype` (default:
+        the statistics' own). bitsandbytes dequantizes in fp32 and rounds once to `dtype`, so a
+        bf16 weight is exactly `dequantized_weight().to(torch.bfloat16)`, made ~4x faster."""
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(self.standard_codes(), self.quant_state)
+        state = self.quant_state
+        if dtype is not None and dtype != state.dtype:
+            state = copy.copy(state)  # shallow: the same absmax / code tensors, another output dtype
+            state.dtype = dtype
+        return bnbf.dequantize_4bit(self.standard_codes(), state)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pure-torch meaning of forward: dequantize, then a dense matmul."""
@@ -182,7 +188,17 @@ class QuantLinear(nn.Module):
 class _FusedMatmul(torch.autograd.Function):
     """The fused kernel forward; the backward (to the input only: the base is frozen) through
     the standard dequantized weight, as bitsandbytes' own `MatMul4Bit` does. The fused op has no
-    backward of its own, and a base built for serving may still be asked for input gradients."""
+    backward of its own, and a base built for serving may still be asked for input gradients.
+
+    The backward computes in bf16, as its forward does (the fused kernel rounds x and computes in
+    bf16, runtime/nn/kernels.py), and as `quiver train`'s bf16 base does through `MatMul4Bit`:
+
+        grad_x = (grad.bf16 @ dequant(W4).bf16).to(grad.dtype)      # [.., out] @ [out, in]
+
+    so the input gradient carries the precision the forward it differentiates has. On the CPUs
+    that have the fused kernel (AVX512-BF16) that matmul and the bf16 dequantization measured ~4x
+    faster than in fp32: it was most of why training on the served base ran at 0.75x `quiver
+    train`'s rate (README, "Fine-tuning in the server")."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lin: "QuantLinear") -> torch.Tensor:
@@ -191,8 +207,8 @@ class _FusedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        w = ctx.lin.dequantized_weight().to(grad.dtype)  # [out, in]
-        return grad @ w, None
+        w = ctx.lin.dequantized_weight(torch.bfloat16)  # [out, in]
+        return (grad.to(torch.bfloat16) @ w).to(grad.dtype), None
 
 
 def unpack_fused_codes(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -202,12 +218,19 @@ def unpack_fused_codes(packed: torch.Tensor, out_features: int, in_features: int
     a group in the low nibble of byte j and code 32 + j in its high nibble (code m of a group is
     row m // 2, column m % 2 of the tile). The standard layout holds row-major codes, two a byte,
     the first in the high nibble. Lossless: the same codes, only moved.
+
+    So bytes 2r and 2r + 1 of a tile hold row r's two codes (low nibbles) and row 16 + r's (high
+    nibbles). The nibbles are moved four bytes at a time in int32 words (a word = two such byte
+    pairs), then one permute puts rows in order: every training backward on the served base
+    unpacks each weight (`dequantized_weight`), and the byte-wise version cost ~4x as much.
+    tests/nn/test_kernels.py checks it against the code-by-code meaning above.
     """
     n, k = out_features, in_features
-    tiles = packed.view(n // 32, k // 2, 32)  # [out/32, in/2, 32 bytes]
-    codes = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)  # [out/32, in/2, 64 codes]
-    codes = codes.view(n // 32, k // 2, 32, 2).permute(0, 2, 1, 3).reshape(n, k // 2, 2)
-    return ((codes[..., 0] << 4) | codes[..., 1]).reshape(-1, 1)
+    words = packed.view(torch.int32)  # bytes (b0, b1, b2, b3) = rows (r, r+1)'s byte pairs
+    low = ((words << 4) & 0x00F000F0) | ((words >> 8) & 0x000F000F)  # byte 0 / 2: row r / r+1
+    high = (words & 0x00F000F0) | ((words >> 12) & 0x000F000F)  # byte 0 / 2: row 16+r / 17+r
+    pairs = (low | (high << 8)).view(torch.uint8).view(n // 32, k // 2, 16, 2)  # [.., r, half]
+    return pairs.permute(0, 3, 2, 1).reshape(-1, 1)  # [out/32, half, 16 rows, in/2] row-major
 
 
 def make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantConfig,

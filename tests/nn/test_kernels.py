@@ -132,19 +132,56 @@ def test_state_dict_holds_the_standard_layout_on_every_kernel():
 
 
 @fused_only
-def test_gradients_through_the_fused_layout_equal_the_standard_path():
-    lin = quant_linear(192, 576, bias=True)
-    x = torch.randn(6, 576)
-    upstream = torch.randn(6, 192)
-    grads = {}
-    for kernel in ("standard", "cpu-fused"):
-        lin.use_kernel(kernel)
-        xg = x.clone().requires_grad_()
-        (lin(xg) * upstream).sum().backward()
-        grads[kernel] = xg.grad
-    w = lin.dequantized_weight()
-    assert (grads["cpu-fused"] - upstream @ w).abs().max() <= 1e-4
-    assert (grads["cpu-fused"] - grads["standard"]).abs().max() <= 1e-4
+@pytest.mark.parametrize("shape", [(192, 576), (576, 1536), (1536, 576)])
+def test_fused_backward_is_the_bf16_matmul_with_the_dequantized_weight(shape):
+    """The fused path's input gradient is, bit for bit, the pure-torch bf16 product with the
+    dequantized weight (quant.py `_FusedMatmul`), for fp32 and bf16 activations alike; and within
+    bf16 rounding of the fp32 product (what the standard path computes in fp32)."""
+    lin = quant_linear(*shape, bias=True)
+    g = torch.Generator().manual_seed(1)
+    x, upstream = torch.randn(6, shape[1], generator=g), torch.randn(6, shape[0], generator=g)
+    lin.use_kernel("cpu-fused")
+    w = lin.dequantized_weight()  # [out, in] fp32, the pure-torch meaning
+    for dtype in (torch.float32, torch.bfloat16):
+        xg = x.to(dtype).detach().clone().requires_grad_()
+        (lin(xg) * upstream.to(dtype)).sum().backward()
+        reference = (upstream.to(dtype).to(torch.bfloat16) @ w.to(torch.bfloat16)).to(dtype)
+        assert xg.grad.dtype == dtype and torch.equal(xg.grad, reference)
+    xg = x.clone().requires_grad_()
+    (lin(xg) * upstream).sum().backward()
+    exact = upstream @ w
+    assert ((xg.grad - exact).norm() / exact.norm()) < 1e-2  # bf16 rounding, nothing more
+    lin.use_kernel("standard")
+    xs = x.clone().requires_grad_()
+    (lin(xs) * upstream).sum().backward()
+    assert ((xg.grad - xs.grad).norm() / xs.grad.norm()) < 1e-2
+
+
+@fused_only
+def test_bf16_dequantized_weight_is_the_fp32_one_rounded():
+    lin = quant_linear(576, 1536)
+    lin.use_kernel("cpu-fused")
+    assert torch.equal(lin.dequantized_weight(torch.bfloat16), lin.dequantized_weight().to(torch.bfloat16))
+
+
+def _unpack_reference(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """unpack_fused_codes' meaning, code by code: code m of tile (g, c) is low nibble of byte m
+    (m < 32) or high nibble of byte m - 32, and stands for row 32g + m // 2, column 2c + m % 2;
+    the standard byte of (row, column pair) holds the even column's code high."""
+    tiles = packed.view(n // 32, k // 2, 32)  # [out/32, in/2, 32 bytes]
+    codes = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)  # [out/32, in/2, 64 codes]
+    codes = codes.view(n // 32, k // 2, 32, 2).permute(0, 2, 1, 3).reshape(n, k // 2, 2)
+    return ((codes[..., 0] << 4) | codes[..., 1]).reshape(-1, 1)
+
+
+@fused_only
+@pytest.mark.parametrize("shape", [(32, 64), (192, 576), (576, 1536), (1536, 576)])
+def test_unpacking_the_fused_tiles_gives_the_standard_codes(shape):
+    lin = quant_linear(*shape, seed=5)
+    standard = lin.weight.clone()
+    lin.use_kernel("cpu-fused")
+    assert torch.equal(_unpack_reference(lin.weight, *shape), standard)
+    assert torch.equal(unpack_fused_codes(lin.weight, *shape), standard)
 
 
 @fused_only
