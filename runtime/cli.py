@@ -1,4 +1,4 @@
-"""`quiver` command line: generate, info, serve, adapters, train.
+"""`quiver` command line: generate, info, serve, serve-ray, adapters, train.
 
 Each subcommand's module adds its own parser (`add_parser(subparsers)`) and runs it
 (`run(args) -> int`); heavy imports (torch, grpc) happen only inside the chosen command.
@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": "runtime.generate_cli",
     "info": "runtime.generate_cli",
     "serve": "runtime.server.serve_cli",
+    "serve-ray": "runtime.distributed.cli",
     "adapters": "runtime.server.adapters_cli",
     "train": "trainer.cli",
 }

@@ -103,6 +103,12 @@ class EngineLoop:
         """Step the engine on the calling thread until `stop` (from another thread)."""
         self._run()
 
+    @property
+    def running(self) -> bool:
+        """The step loop is alive: started and not ended (by stop() or a crash). A Ray replica's
+        health check reads it (runtime/distributed/replica.py)."""
+        return not self._idle.is_set()
+
     def submit(self, req: GenerationRequest, max_buffered: int = 64, observer=None) -> RequestStream:
         """Queue `req`; raises what `Engine.add` raises (nothing queued then) or ShuttingDown.
 

@@ -240,6 +240,11 @@ class Core:
         except TemplateError as e:
             raise InvalidParams("messages", f"the chat template refused them: {e}") from e
 
+    def ensure_adapter(self, adapter_id: str) -> None:
+        """Registered once this returns (lazily loaded from the store like a request's adapter);
+        a Ray replica's model multiplexer loads adapters ahead of requests this way."""
+        self._ensure_adapter(adapter_id, None)
+
     def _ensure_adapter(self, adapter_id: str, wait_s: float | None) -> None:
         """Registered, or loaded now from <adapter-dir>/<id>; else UnknownAdapter."""
         validate_adapter_id(adapter_id)

@@ -21,12 +21,29 @@ import threading
 
 
 def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve the base model and its adapters over gRPC and HTTP")
+    add_serving_options(p)
+    p.set_defaults(run=run)
+
+
+def add_serving_options(p: argparse.ArgumentParser, network: bool = True, fine_tuning: bool = True) -> None:
+    """The flags of one server (model, adapters, engine, security, operations); `quiver
+    serve-ray` (runtime/distributed/cli.py) shares them, with its own network flags and no
+    fine-tuning, and sets those attributes' defaults itself."""
     from runtime.cli import add_model_options
     from runtime.config import ServerConfig
 
     d = ServerConfig()
-    p = sub.add_parser("serve", help="serve the base model and its adapters over gRPC and HTTP")
     add_model_options(p)
+    if network:
+        _network_options(p, d)
+    _adapter_and_engine_options(p, d)
+    if fine_tuning:
+        _fine_tuning_options(p, d)
+    _security_and_ops_options(p, d)
+
+
+def _network_options(p: argparse.ArgumentParser, d) -> None:
     net = p.add_argument_group("network")
     net.add_argument("--host", default=d.host, help=f"bind address (default {d.host}: loopback only)")
     net.add_argument("--port", type=int, default=d.port, help=f"gRPC port (default {d.port}; 0 = any free)")
@@ -38,6 +55,9 @@ def add_parser(sub) -> None:
                      help="the base model's id in the HTTP API's `model` field (default: its name)")
     net.add_argument("--grpc-workers", type=int, default=d.grpc_workers,
                      help=f"concurrent RPCs (default {d.grpc_workers}); more are RESOURCE_EXHAUSTED")
+
+
+def _adapter_and_engine_options(p: argparse.ArgumentParser, d) -> None:
     ad = p.add_argument_group("adapters")
     ad.add_argument("--adapter-dir", default=None,
                     help="directory of PEFT adapters: an unknown adapter id is loaded from "
@@ -76,6 +96,9 @@ def add_parser(sub) -> None:
                     help=f"waiting requests before RESOURCE_EXHAUSTED (default {d.max_queue}; 0 = no cap)")
     en.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                     help=f"cap on a request's max_new_tokens (default {d.max_new_tokens})")
+
+
+def _fine_tuning_options(p: argparse.ArgumentParser, d) -> None:
     ft = p.add_argument_group("fine-tuning jobs (README \"Fine-tuning in the server\")")
     ft.add_argument("--data-dir", default=None, metavar="DIR",
                     help="uploaded files, job state and checkpoints (default: $QUIVER_HOME/data, "
@@ -91,6 +114,9 @@ def add_parser(sub) -> None:
                     help=f"largest n_epochs a job may ask for (default {d.max_train_epochs})")
     ft.add_argument("--max-train-seq-len", type=int, default=d.max_train_seq_len,
                     help=f"largest max_seq_len a job may ask for (default {d.max_train_seq_len})")
+
+
+def _security_and_ops_options(p: argparse.ArgumentParser, d) -> None:
     sec = p.add_argument_group("security and limits (README \"Security and limits\")")
     sec.add_argument("--admin-token", default=None, metavar="TOKEN",
                      help="bearer token the Adapters service requires (default: env "
@@ -114,7 +140,6 @@ def add_parser(sub) -> None:
     ops.add_argument("--metrics-max-adapter-labels", type=int, default=d.metrics_max_adapter_labels,
                      help="adapters with their own metrics label; the rest report as 'other' "
                           f"(default {d.metrics_max_adapter_labels})")
-    p.set_defaults(run=run)
 
 
 def config_from_args(args: argparse.Namespace):

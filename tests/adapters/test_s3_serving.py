@@ -11,8 +11,10 @@ from tests.http.conftest import BASE_ID
 from tests.peft_factory import make_peft_adapter, make_tiny_model
 from tests.s3_factory import s3_client, s3_server, upload_adapter
 from tests.server.conftest import server_config
-from tests.training.conftest import FAST, chat_model_dir, jsonl, learn_rows, openai_for, wait_for  # noqa: F401
+from tests.training import conftest as training
+from tests.training.conftest import FAST, jsonl, learn_rows, openai_for, wait_for
 
+chat_model_dir = training.chat_model_dir  # the tiny random chat model, as a fixture here too
 BUCKET, PREFIX = "served", "fleet/"
 pytestmark = pytest.mark.slow
 
@@ -25,7 +27,7 @@ def endpoint():
 
 
 @pytest.fixture
-def server(chat_model_dir, endpoint, tmp_path):  # noqa: F811 - the training tests' tiny chat model
+def server(chat_model_dir, endpoint, tmp_path):
     from runtime.server.app import build_server
 
     cfg = server_config(chat_model_dir, http_port=0, served_model_name=BASE_ID, admin_token="adm",

@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 2.0
 
 
+def http_context(core: Core, base_id: str, draining) -> tuple[HttpContext, ThreadPoolExecutor]:
+    """The routes' context over `core` and the pool their blocking work runs on (the caller
+    shuts it down). The seam between the routes and a transport: HttpServer serves them on
+    uvicorn; a Ray Serve replica (runtime/distributed/replica.py) calls the same app in-process."""
+    pool = ThreadPoolExecutor(max_workers=2 * core.cfg.grpc_workers, thread_name_prefix="quiver-http")
+    return HttpContext(core, base_id, pool, core.cfg.max_message_bytes, draining, int(time.time())), pool
+
+
 def make_app(ctx: HttpContext) -> FastAPI:
     app = FastAPI(title="Quiver", docs_url=None, redoc_url=None, openapi_url=None)
     errors.install(app)
@@ -58,9 +66,7 @@ def bind(host: str, port: int) -> socket.socket:
 class HttpServer:
     def __init__(self, core: Core, base_id: str, draining, port: int):
         cfg = core.cfg
-        self._pool = ThreadPoolExecutor(max_workers=2 * cfg.grpc_workers, thread_name_prefix="quiver-http")
-        self.ctx = HttpContext(core, base_id, self._pool, cfg.max_message_bytes,
-                               draining, int(time.time()))
+        self.ctx, self._pool = http_context(core, base_id, draining)
         self.host, self.requested_port = cfg.host, port
         self.port: int | None = None
         self.config = uvicorn.Config(

@@ -1,0 +1,157 @@
+"""The Ray Serve application end to end on a real local Ray cluster (tests/ray/conftest.py): 2
+Quiver replicas behind the ingress, 6 adapters in a real S3 server, the official openai client.
+
+Order matters: the last test kills a replica."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.http.conftest import BASE_ID
+from tests.ray.conftest import (ADAPTERS, BUCKET, PREFIX, held, openai_at, replicas, wait_for_replicas)
+
+pytestmark = pytest.mark.slow
+GREEDY = dict(max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+
+
+def ask(client, adapter_id: str, prompt: str = "w7 w8 w9", **kw) -> tuple[str, str]:
+    """(text, the replica that answered) through the ingress."""
+    raw = client.completions.with_raw_response.create(model=adapter_id, prompt=prompt, **{**GREEDY, **kw})
+    return raw.parse().choices[0].text, raw.headers.get("x-quiver-replica")
+
+
+def test_adapters_spread_over_replicas_stick_to_holders_and_answer_as_one_quiver(quiver_app, single):
+    app, one = openai_at(quiver_app), openai_at(single)
+    first = {}
+    for adapter_id in ADAPTERS:  # one at a time: each replica reports what it loaded (0.1 s)
+        first[adapter_id] = ask(app, adapter_id)
+        time.sleep(0.3)
+    live = replicas(quiver_app)
+    holders = {r["replica_id"]: held(r) for r in live}
+    assert len(live) == 2 and all(holders.values()), f"the adapters did not spread: {holders}"
+    assert any(sum(a in h for h in holders.values()) == 1 for a in ADAPTERS), \
+        f"every replica loaded every adapter: routing ignored who held what ({holders})"
+
+    later = {a: [ask(app, a, prompt) for prompt in ("w7 w8 w9", "w20 w21")] for a in ADAPTERS}
+    for adapter_id, answers in later.items():
+        for _, replica in answers:
+            assert adapter_id in holders[replica], f"{adapter_id} went to {replica}, which did not hold it: {first} {holders} {later}"
+    for adapter_id in ADAPTERS:
+        reference = [ask(one, adapter_id, prompt)[0] for prompt in ("w7 w8 w9", "w20 w21")]
+        assert [t for t, _ in later[adapter_id]] == reference
+        assert first[adapter_id][0] == reference[0]
+    assert ask(app, BASE_ID)[0] == ask(one, BASE_ID)[0]
+    assert len({ask(app, BASE_ID)[0], *(first[a][0] for a in ADAPTERS)}) > 2, "adapters changed nothing"
+
+
+def test_streaming_through_the_ingress(quiver_app, single):
+    app = openai_at(quiver_app)
+    stream = app.chat.completions.create(model=ADAPTERS[0], messages=[{"role": "user", "content": "w3 w4"}],
+                                         stream=True, max_tokens=12, temperature=0,
+                                         extra_body={"ignore_eos": True}, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 12
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = openai_at(single).chat.completions.create(model=ADAPTERS[0], messages=[{"role": "user", "content": "w3 w4"}],
+                                                      max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert text == whole.choices[0].message.content
+
+
+def test_errors_come_from_the_routes_and_unreplicated_routes_say_so(quiver_app):
+    import openai
+
+    app = openai_at(quiver_app)
+    with pytest.raises(openai.NotFoundError) as info:
+        ask(app, "tenant-9/absent")
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        ask(app, ADAPTERS[0], max_tokens=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        app.files.list()
+    assert info.value.status_code == 501
+    assert BASE_ID in {m.id for m in app.models.list()}
+
+
+def test_an_adapter_published_by_one_replica_is_served_by_the_other(quiver_app, adapter_sources, s3_endpoint):
+    import httpx
+
+    from runtime.server.client import QuiverClient
+    from tests.s3_factory import s3_client
+
+    r = httpx.post(f"{quiver_app}/v1/load_lora_adapter", timeout=60,
+                   json={"lora_name": "fresh/lora", "lora_path": str(adapter_sources["fresh"])})
+    assert r.status_code == 200, r.text
+    writer = r.headers["x-quiver-replica"]
+    keys = {o["Key"] for o in s3_client(s3_endpoint).list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}fresh/lora/")["Contents"]}
+    assert keys == {f"{PREFIX}fresh/lora/adapter_config.json", f"{PREFIX}fresh/lora/adapter_model.safetensors"}
+    text, replica = ask(openai_at(quiver_app), "fresh/lora")
+    assert replica == writer  # the writer holds it, so its requests go there
+
+    other = next(x for x in replicas(quiver_app) if x["replica_id"] != writer)
+    assert "fresh/lora" not in held(other)
+    with QuiverClient(other["grpc"], timeout=60) as q:  # the other replica, on its own port
+        answer = q.generate(text="w7 w8 w9", adapter_id="fresh/lora", max_new_tokens=8, ignore_eos=True)
+    assert answer.text == text
+    assert "fresh/lora" in held(other)
+
+
+def test_a_killed_replica_loses_only_its_requests_and_ray_restarts_it(quiver_app):
+    """Streams show where each request runs (the header comes first); the victim is killed once
+    every stream has begun. Its streams end with a retryable error event, its unary requests are
+    503 + Retry-After; the other replica's requests all finish; new requests are answered; Serve
+    starts a replacement, which registers under a new id."""
+    import openai
+    import ray
+
+    app = openai_at(quiver_app)
+    started, outcomes, lock = threading.Barrier(7), [], threading.Lock()
+
+    def stream(adapter_id: str) -> None:
+        try:
+            with app.completions.with_streaming_response.create(
+                    model=adapter_id, prompt="w7 w8", stream=True, max_tokens=240, temperature=0,
+                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True}) as raw:
+                replica = raw.headers["x-quiver-replica"]
+                started.wait(60)
+                try:
+                    tokens = [c.usage.completion_tokens for c in raw.parse() if c.usage][-1]
+                    result = ("stream", replica, tokens)
+                except openai.APIError as e:
+                    result = ("stream", replica, (e.body or {}).get("code"))
+        except Exception as e:  # noqa: BLE001 - reported below
+            result = ("stream", None, repr(e))
+        with lock:
+            outcomes.append(result)
+
+    def unary(adapter_id: str) -> None:
+        try:
+            result = ("unary", *ask(app, adapter_id, max_tokens=200))
+        except openai.APIStatusError as e:
+            result = ("unary", e.status_code, e.response.headers.get("retry-after"))
+        with lock:
+            outcomes.append(result)
+
+    victim = replicas(quiver_app)[0]
+    with ThreadPoolExecutor(10) as pool:
+        futures = [pool.submit(stream, ADAPTERS[i]) for i in range(6)]
+        started.wait(60)  # every stream has its first bytes: each replica has requests running
+        futures += [pool.submit(unary, a) for a in ADAPTERS[:4]]
+        time.sleep(0.3)
+        ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+        for f in futures:
+            f.result()
+    streams = [o for o in outcomes if o[0] == "stream"]
+    on_victim = [o for o in streams if o[1] == victim["replica_id"]]
+    assert on_victim and len(on_victim) < len(streams), f"streams were not on both replicas: {streams}"
+    assert all(o[2] == "replica_unavailable" for o in on_victim), on_victim
+    assert all(o[2] == 240 for o in streams if o not in on_victim), f"the other replica lost requests: {streams}"
+    for o in (o for o in outcomes if o[0] == "unary"):
+        assert o[1:] == (503, "1") or (isinstance(o[1], str) and o[2] != victim["replica_id"]), o
+
+    retrying = openai_at(quiver_app, retries=3)  # as a client would: 503 is retried
+    assert all(text for text, _ in (ask(retrying, a) for a in ADAPTERS))
+    restarted = wait_for_replicas(quiver_app, 2, exclude={victim["replica_id"]})
+    assert victim["replica_id"] not in {r["replica_id"] for r in restarted}
