@@ -17,9 +17,12 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 TYPES = ("lora", "dora", "adalora", "prompt", "ptuning", "prefix")
 
 
-def _lora_tensors(cfg: ModelConfig, g: torch.Generator, rank: int, dora: bool) -> dict:
+def _lora_tensors(cfg: ModelConfig, g: torch.Generator, rank: int, dora: bool,
+                  targets=PROJECTIONS) -> dict:
     tensors = {}
     for name in cfg.linear_module_names():
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
         fan_in, fan_out = cfg.linear_shapes()[name.rsplit(".", 1)[-1]]
         key = f"base_model.model.{name}"
         tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in ** 0.5
@@ -29,12 +32,15 @@ def _lora_tensors(cfg: ModelConfig, g: torch.Generator, rank: int, dora: bool) -
     return tensors
 
 
-def write_lora(cfg: ModelConfig, path: Path, seed: int, rank: int = 16, dora: bool = False) -> None:
+def write_lora(cfg: ModelConfig, path: Path, seed: int, rank: int = 16, dora: bool = False,
+               targets=PROJECTIONS) -> None:
+    """targets: the projections adapted (all seven by default; PEFT's own default for Llama
+    models is q_proj and v_proj)."""
     g = torch.Generator().manual_seed(seed)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-              "target_modules": PROJECTIONS, "lora_dropout": 0.0, "bias": "none", "use_dora": dora,
+              "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "use_dora": dora,
               "base_model_name_or_path": cfg.name}
-    write_adapter(path, config, _lora_tensors(cfg, g, rank, dora))
+    write_adapter(path, config, _lora_tensors(cfg, g, rank, dora, targets))
 
 
 def write_adalora(cfg: ModelConfig, path: Path, seed: int, init_r: int = 12, keep: int = 8) -> None:

@@ -2,14 +2,18 @@
 
     .venv/bin/python -m bench.decode_bench                      # base: batch 1, 8, 32, 128
     .venv/bin/python -m bench.decode_bench --adapters 64        # + 64 rows over 64 LoRA adapters
+    .venv/bin/python -m bench.decode_bench --adapters 64 --lora-rank 8 --lora-targets q_proj v_proj
 
 Figures (medians over --reps, same run):
 - step:  one decode step of B rows (32-token contexts) through the KV-cache path, incl. metadata
 - floor: the step's matmuls alone on the fastest kernels: every NF4 projection (fused CPU
          kernel, merged groups) plus the lm_head matmul, at the same batch
 - hf:    transformers + bitsandbytes `generate` (same NF4 config), time per generated token
-- multi: B rows over B distinct LoRA adapters (r=16, all seven projections) / the same rows on
-         the base, and PEFT's mixed-batch forward (`adapter_names=`) / PEFT's base forward
+- multi: B rows over B distinct LoRA adapters (r=16, all seven projections unless --lora-rank /
+         --lora-targets say otherwise) / the same rows on the base, and PEFT's mixed-batch
+         forward (`adapter_names=`) / PEFT's base forward. "LoRA MB" is what the step must read
+         of the adapters' weights (every row its own A and B, fp32 as stored in the slots)
+         beside the base's 4-bit weights: distinct adapters make the step memory-bound on them
 """
 from __future__ import annotations
 
@@ -145,13 +149,26 @@ def base_rows(args, base, hf) -> list[list[object]]:
     return rows
 
 
-def random_lora_dir(root, i: int, cfg, rank: int = 16) -> str:
-    """A PEFT-format LoRA (all seven projections) with random weights (bench/adapters.py)."""
-    from bench.adapters import write_lora
+def random_lora_dir(root, i: int, cfg, rank: int = 16, targets=None) -> str:
+    """A PEFT-format LoRA (all seven projections unless `targets`) with random weights
+    (bench/adapters.py)."""
+    from bench.adapters import PROJECTIONS, write_lora
 
     path = f"{root}/lora-{i}"
-    write_lora(cfg, path, seed=i, rank=rank)
+    write_lora(cfg, path, seed=i, rank=rank, targets=targets or PROJECTIONS)
     return path
+
+
+def lora_megabytes(cfg, rank: int, targets, adapters: int, blocksize: int = 64) -> tuple[float, float]:
+    """(MB of LoRA weights a step over `adapters` distinct adapters reads, fp32 as the slots
+    hold them; MB of the base's 4-bit projection weights with their bf16 block scales): the
+    step's two weight streams."""
+    lora = base = 0.0
+    for name, (fan_in, fan_out) in cfg.linear_shapes().items():
+        base += fan_in * fan_out * (0.5 + 2 / blocksize) * cfg.num_layers
+        if name in targets:
+            lora += rank * (fan_in + fan_out) * 4 * adapters * cfg.num_layers
+    return lora / 2**20, base / 2**20
 
 
 def multi_rows(args, base, hf) -> list[list[object]]:
@@ -160,18 +177,19 @@ def multi_rows(args, base, hf) -> list[list[object]]:
     from runtime.adapters.peft_format import read_adapter
     from runtime.adapters.registry import AdapterRegistry
 
-    n = args.adapters
-    reg = AdapterRegistry(base.model, num_slots=n, max_rank=16)
+    n, rank = args.adapters, args.lora_rank
+    reg = AdapterRegistry(base.model, num_slots=n, max_rank=rank)
     with tempfile.TemporaryDirectory() as root:
-        paths = [random_lora_dir(root, i, base.config) for i in range(n)]
+        paths = [random_lora_dir(root, i, base.config, rank, args.lora_targets) for i in range(n)]
         for i, p in enumerate(paths):
-            reg.add(f"a{i}", read_adapter(p, base.config, max_rank=16))
+            reg.add(f"a{i}", read_adapter(p, base.config, max_rank=rank))
         slots = [reg.acquire(f"a{i}")[0] for i in range(n)]
         multi = median_time(quiver_step_fn(base.model, n, slots, reg), args.reps)
         plain = median_time(quiver_step_fn(base.model, n), args.reps)
-        rows = [["quiver", n, multi * 1e3, plain * 1e3, plain / multi]]
+        lora_mb, base_mb = lora_megabytes(base.config, rank, args.lora_targets, n)
+        rows = [["quiver", n, multi * 1e3, plain * 1e3, plain / multi, lora_mb, base_mb]]
         if hf is not None:
-            rows.append(peft_row(hf, paths, args.reps))
+            rows.append(peft_row(hf, paths, args.reps) + [lora_mb, ""])
     return rows
 
 
@@ -211,7 +229,16 @@ def main(argv=None) -> int:
     p.add_argument("--adapters", type=int, default=0, help="rows/adapters for the multi-adapter run")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-hf", action="store_true", help="skip transformers / PEFT peers")
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of the multi-adapter run's LoRAs (16)")
+    p.add_argument("--lora-targets", nargs="+", default=None, metavar="PROJ",
+                   help="projections they adapt (default: all seven; PEFT's Llama default: q_proj v_proj)")
     args = p.parse_args(argv)
+    from bench.adapters import PROJECTIONS
+
+    args.lora_targets = args.lora_targets or PROJECTIONS
+    bad = set(args.lora_targets) - set(PROJECTIONS)
+    if bad:
+        p.error(f"--lora-targets: unknown projection(s) {sorted(bad)}; choose from {PROJECTIONS}")
     torch.manual_seed(0)
     base = _quiver("nf4")
     hf = None if args.no_hf else hf_nf4_model()
@@ -221,9 +248,9 @@ def main(argv=None) -> int:
                 base_rows(args, base, hf)))
     if args.adapters:
         print(f"\nDecode step, {args.adapters} rows over {args.adapters} distinct LoRA adapters "
-              "(r=16, all 7 projections) vs the same rows on the base (ms):\n")
-        print(table(["system", "rows", "multi-adapter", "base", "base/multi (x of base)"],
-                    multi_rows(args, base, hf)))
+              f"(r={args.lora_rank}, {' '.join(args.lora_targets)}) vs the same rows on the base (ms):\n")
+        print(table(["system", "rows", "multi-adapter", "base", "base/multi (x of base)", "LoRA MB",
+                     "base MB"], multi_rows(args, base, hf)))
     return 0
 
 
