@@ -39,6 +39,9 @@ class RayOptions:
     #: stepping its engine on a CPU answers slower than that at times, and a request for an
     #: adapter then falls back to a replica without it: multiplexing gives up after one miss.
     queue_probe_deadline_s: float = 1.0
+    #: False: requests go to any replica (Serve's power-of-two choices), not to one holding
+    #: their adapter; only a baseline for bench/ray_bench.py
+    route_by_adapter: bool = True
 
     def __post_init__(self) -> None:
         if self.autoscaling_config is None and self.num_replicas < 1:
@@ -76,7 +79,8 @@ def build_app(cfg: ServerConfig, opts: RayOptions | None = None):
                                max_ongoing_requests=opts.max_ongoing_requests * max(1, opts.num_replicas),
                                ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {
                                    "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": str(opts.queue_probe_deadline_s)}}})
-    return ingress.bind(replica.bind(cfg, opts.app_name), opts.app_name, cfg.max_message_bytes)
+    return ingress.bind(replica.bind(cfg, opts.app_name), opts.app_name, cfg.max_message_bytes,
+                        opts.route_by_adapter)
 
 
 def app_builder(args: dict):

@@ -77,9 +77,11 @@ def adapter_in(body: bytes, field: str, base_id: str) -> str:
 
 
 class QuiverIngress:
-    def __init__(self, replicas, app_name: str = "quiver", max_body_bytes: int = 4 * 1024 * 1024):
+    def __init__(self, replicas, app_name: str = "quiver", max_body_bytes: int = 4 * 1024 * 1024,
+                 route_by_adapter: bool = True):
         self.replicas = replicas  # DeploymentHandle of QuiverReplica
         self.app_name, self.max_body_bytes = app_name, max_body_bytes
+        self.route_by_adapter = route_by_adapter  # False: Serve's plain routing (a baseline)
         self._base_id: str | None = None
         self._retryable = retryable()
 
@@ -104,8 +106,11 @@ class QuiverIngress:
         return await self._forward(call, adapter_id)
 
     async def _forward(self, call: HttpCall, adapter_id: str) -> Response:
-        handle = self.replicas.options(method_name="forward", stream=True, multiplexed_model_id=adapter_id)
-        parts = handle.remote(call)
+        if self.route_by_adapter:
+            handle = self.replicas.options(method_name="forward", stream=True, multiplexed_model_id=adapter_id)
+            parts = handle.remote(call)
+        else:
+            parts = self.replicas.options(method_name="forward", stream=True).remote(call, adapter_id)
         try:
             head = await parts.__anext__()
             if (head.header("content-type") or "").startswith("text/event-stream"):

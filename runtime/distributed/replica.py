@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 #: vLLM's load route: on a replica it also publishes the adapter to the shared store
 LOAD_ROUTE = "/v1/load_lora_adapter"
 REPLICA_HEADER = "x-quiver-replica"
+#: "1" when the replica held the request's adapter before the request (affinity, bench/ray_bench.py)
+RESIDENT_HEADER = "x-quiver-adapter-resident"
 
 
 class AdapterLease:
@@ -93,21 +95,26 @@ class QuiverReplica:
         return AdapterLease(self.server.core, adapter_id)
 
     # ---- requests ---------------------------------------------------------------------------
-    async def forward(self, call: HttpCall):
-        """The routes' answer to `call`: a Head (with this replica's id), then body chunks."""
+    async def forward(self, call: HttpCall, adapter_id: str = ""):
+        """The routes' answer to `call`: a Head (with this replica's id and whether it held the
+        adapter already), then body chunks. The adapter is Serve's multiplexed model id, or
+        `adapter_id` when the ingress routes without multiplexing (RayOptions.route_by_adapter)."""
         from ray import serve
 
-        adapter_id = serve.get_multiplexed_model_id()
+        adapter_id = adapter_id or serve.get_multiplexed_model_id()
         if call.path == LOAD_ROUTE:
             async for part in self._load_and_publish(call):
                 yield part
             return
+        resident = bool(adapter_id) and self.server.core.registry.contains(adapter_id)
         if adapter_id:
             try:
                 await self._adapter(adapter_id)
             except Exception as e:  # noqa: BLE001 - the route answers it properly (404, 400, 503...)
                 log.info("adapter %s not loaded ahead of its request: %s", adapter_id, e)
         async for part in exchange(self.app, call):
+            if isinstance(part, Head) and adapter_id:
+                part.headers.append((RESIDENT_HEADER, "1" if resident else "0"))
             yield self._tagged(part)
 
     async def _load_and_publish(self, call: HttpCall):

@@ -17,10 +17,11 @@ pytestmark = pytest.mark.slow
 GREEDY = dict(max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
 
 
-def ask(client, adapter_id: str, prompt: str = "w7 w8 w9", **kw) -> tuple[str, str]:
-    """(text, the replica that answered) through the ingress."""
+def ask(client, adapter_id: str, prompt: str = "w7 w8 w9", **kw) -> tuple[str, str, str | None]:
+    """(text, the replica that answered, "1"/"0": it held the adapter before) through the ingress."""
     raw = client.completions.with_raw_response.create(model=adapter_id, prompt=prompt, **{**GREEDY, **kw})
-    return raw.parse().choices[0].text, raw.headers.get("x-quiver-replica")
+    return (raw.parse().choices[0].text, raw.headers.get("x-quiver-replica"),
+            raw.headers.get("x-quiver-adapter-resident"))
 
 
 def test_adapters_spread_over_replicas_stick_to_holders_and_answer_as_one_quiver(quiver_app, single):
@@ -37,12 +38,13 @@ def test_adapters_spread_over_replicas_stick_to_holders_and_answer_as_one_quiver
 
     later = {a: [ask(app, a, prompt) for prompt in ("w7 w8 w9", "w20 w21")] for a in ADAPTERS}
     for adapter_id, answers in later.items():
-        for _, replica in answers:
-            assert adapter_id in holders[replica], f"{adapter_id} went to {replica}, which did not hold it: {first} {holders} {later}"
+        for _, replica, resident in answers:
+            assert adapter_id in holders[replica], f"{adapter_id} went to {replica}, which did not hold it"
+            assert resident == "1"
     for adapter_id in ADAPTERS:
         reference = [ask(one, adapter_id, prompt)[0] for prompt in ("w7 w8 w9", "w20 w21")]
-        assert [t for t, _ in later[adapter_id]] == reference
-        assert first[adapter_id][0] == reference[0]
+        assert [t for t, _, _ in later[adapter_id]] == reference
+        assert first[adapter_id][0] == reference[0] and first[adapter_id][2] == "0"  # loaded by it
     assert ask(app, BASE_ID)[0] == ask(one, BASE_ID)[0]
     assert len({ask(app, BASE_ID)[0], *(first[a][0] for a in ADAPTERS)}) > 2, "adapters changed nothing"
 
@@ -87,7 +89,7 @@ def test_an_adapter_published_by_one_replica_is_served_by_the_other(quiver_app, 
     writer = r.headers["x-quiver-replica"]
     keys = {o["Key"] for o in s3_client(s3_endpoint).list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}fresh/lora/")["Contents"]}
     assert keys == {f"{PREFIX}fresh/lora/adapter_config.json", f"{PREFIX}fresh/lora/adapter_model.safetensors"}
-    text, replica = ask(openai_at(quiver_app), "fresh/lora")
+    text, replica, _ = ask(openai_at(quiver_app), "fresh/lora")
     assert replica == writer  # the writer holds it, so its requests go there
 
     other = next(x for x in replicas(quiver_app) if x["replica_id"] != writer)
@@ -152,6 +154,6 @@ def test_a_killed_replica_loses_only_its_requests_and_ray_restarts_it(quiver_app
         assert o[1:] == (503, "1") or (isinstance(o[1], str) and o[2] != victim["replica_id"]), o
 
     retrying = openai_at(quiver_app, retries=3)  # as a client would: 503 is retried
-    assert all(text for text, _ in (ask(retrying, a) for a in ADAPTERS))
+    assert all(answer[0] for answer in (ask(retrying, a) for a in ADAPTERS))
     restarted = wait_for_replicas(quiver_app, 2, exclude={victim["replica_id"]})
     assert victim["replica_id"] not in {r["replica_id"] for r in restarted}
