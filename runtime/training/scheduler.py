@@ -7,16 +7,17 @@
 A call does at most one of: pick up the next queued job (its files are tokenized on a helper
 thread, the `validating_files` phase, so the engine never waits on that), start a prepared job
 (adapter + optimizer built, or restored from the job's last checkpoint), run one training slice
-(one optimizer step), or finish a job (export, publish, record). Which job: the oldest pending
-one in SQLite; a restarted server picks its running job up again and resumes it.
+(one piece of an optimizer step, of bounded time: slices.py, pieces.py), or finish a job
+(export, publish, record). Which job: the oldest pending one in SQLite; a restarted server
+picks its running job up again and resumes it.
 
 Time share (`TimeShare`): while requests are waiting or running, training may take at most
---train-share of the engine thread's time. Every serving step earns training credit
-`step_s * share / (1 - share)`; a slice runs only once the credit covers a slice (the last one's
-duration) and spends what it took (at most one slice follows each engine step, so slices much
-shorter than a step take less). With no traffic a slice runs whenever asked, and the credit is
-reset, so a request that arrives waits for at most the one slice in flight and is then served
-first, until the serving time has earned the next slice.
+--train-share of the engine thread's time, in slices about one serving step long. Every serving
+step earns training credit `step_s * share / (1 - share)`; a slice runs once the credit covers
+a slice's budget (the recent serving step time) and spends what it took. So a stream beside a
+job sees at most one slice between two of its tokens, a gap of ~2 steps, and its TPOT grows by
+at most 1 / (1 - share). With no traffic slices of IDLE_SLICE_S run back to back (the credit is
+reset), and a request that arrives waits for at most the one slice in flight.
 """
 from __future__ import annotations
 
@@ -40,33 +41,50 @@ log = logging.getLogger(__name__)
 PUBLISH_TIMEOUT_S = 60.0
 
 
-class TimeShare:
-    """Training's share of engine time while requests wait (module docstring).
+#: an idle engine's slice: long enough that a slice's fixed cost (attach, hooks, the hand-off;
+#: ~1 ms) is ~1% of it, short enough that a request arriving meanwhile hardly waits
+IDLE_SLICE_S = 0.1
+#: the shortest busy slice (a model whose serving steps take microseconds still trains)
+MIN_SLICE_S = 0.002
 
-    A slice starts only once the credit covers a whole slice (the last one's duration, the
-    estimate of the next): the time is earned before it is spent, so even a short burst of
-    traffic is slowed by at most the share, never by a slice borrowed at its first step.
+
+class TimeShare:
+    """Training's share of engine time while requests wait, and each slice's budget (module
+    docstring).
+
+    A busy slice's budget is the recent serving step time (an average over the last few, so one
+    long prefill does not stretch the next slice): between two tokens of a stream there is then
+    at most its step and one slice. A slice starts only once the credit covers its budget: the
+    time is earned before it is spent, so a burst of traffic is slowed by at most the share.
     """
 
-    def __init__(self, share: float, min_cap_s: float = 1.0):
+    def __init__(self, share: float, idle_slice_s: float = IDLE_SLICE_S, min_slice_s: float = MIN_SLICE_S):
         if not 0.0 < share <= 1.0:
             raise ValueError(f"--train-share must be in (0, 1], not {share}")
-        self.share, self.min_cap = share, min_cap_s
+        self.share, self.idle_slice, self.min_slice = share, idle_slice_s, min_slice_s
         self.credit = 0.0
-        self.slice_s = 0.0  # the last slice's duration
+        self.step_s = 0.0  # moving average of the serving steps' durations
 
     def served(self, step_s: float) -> None:
-        cap = max(self.min_cap, 2 * self.slice_s)  # room for one slice, never an unbounded bank
+        self.step_s = step_s if self.step_s == 0.0 else 0.7 * self.step_s + 0.3 * step_s
+        cap = 2 * self.slice_s  # room for one slice, never an unbounded bank
         if self.share >= 1.0:
             self.credit = cap
             return
         self.credit = min(cap, self.credit + step_s * self.share / (1.0 - self.share))
 
+    @property
+    def slice_s(self) -> float:
+        """A busy slice's budget: one recent serving step."""
+        return max(self.min_slice, self.step_s)
+
     def may_train(self, busy: bool) -> bool:
         return not busy or self.credit >= self.slice_s
 
+    def budget(self, busy: bool) -> float:
+        return self.slice_s if busy else self.idle_slice
+
     def trained(self, busy: bool, seconds: float) -> None:
-        self.slice_s = seconds
         self.credit = self.credit - seconds if busy else 0.0
 
 
@@ -117,7 +135,7 @@ class TrainingScheduler:
             if not self.share.may_train(busy):
                 return False
             t0 = time.perf_counter()
-            self._slice(a)
+            self._slice(a, self.share.budget(busy))
             self.share.trained(busy, time.perf_counter() - t0)
             return True
         except Exception as e:  # noqa: BLE001 - a failed job fails alone; the server serves on
@@ -171,10 +189,13 @@ class TrainingScheduler:
         self.count_jobs()
         return True
 
-    def _slice(self, a: Active) -> None:
-        t0 = time.perf_counter()
-        loss, tokens = a.run.advance()
-        seconds = time.perf_counter() - t0
+    def _slice(self, a: Active, budget_s: float) -> None:
+        """One piece of the optimizer step in flight; a finished step is recorded."""
+        out = a.run.advance(budget_s)
+        if out is None:
+            return
+        loss, tokens = out
+        seconds = a.run.last_step_s  # its pieces' time, not the serving steps between them
         if self.metrics is not None:
             self.metrics.training_step(seconds, tokens)
         run = a.run

@@ -1,18 +1,26 @@
-"""One job's Trainer on the server's resident base, advanced one optimizer step per slice.
+"""One job's Trainer on the server's resident base, advanced in slices between engine steps.
 
-The model is the very DecoderModel the engine serves (no second copy of the base). Each slice
-runs inside `_scope`, on the engine thread, between two engine steps:
+The model is the very DecoderModel the engine serves (no second copy of the base). A slice is
+one piece of an optimizer step, bounded by a time budget (the scheduler's, scheduler.py): the
+step runs on a piece thread that pauses at the model's pause points once the budget is spent
+(pieces.py), so a whole step (~0.5 s on the embedded model) never stands between two serving
+steps. Each piece runs inside `_piece`, on the engine thread's watch, between two engine steps:
 
     enter   torch's global RNG -> the job's own (dropout, the adapter's init draw from it)
             the adapter attached: the LoRA family points every projection at the method's own
-            one-slot tensors (trainer/methods/lora.py), prompt / prefix methods change nothing
-    step    forward + backward + optimizer step through the Python modules (autograd); the C++
+            one-slot tensors (trainer/methods/lora.py), prompt / prefix methods change nothing;
+            the pause points installed
+    piece   forward / backward / optimizer step through the Python modules (autograd), until
+            the budget is spent or the step (and the checkpoint it calls for) is done; the C++
             decode path (runtime/nn/native.py) never takes a training forward (no KV cache)
-    exit    the serving slots back, eval mode, the serving RNG state back
+    exit    the serving slots back, the hooks gone, the serving RNG state back (and eval mode
+            once the step is done; between its pieces the train flags stay, which no served
+            module reads: the test that serving between pieces is unchanged guards it)
 
 So a serving step never sees a training weight, and serving traffic (sampling draws from the
 global RNG too) never moves the job's random stream: a job resumed after a restart replays
-exactly the steps an uninterrupted one takes.
+exactly the steps an uninterrupted one takes, and a step cut into any number of pieces is the
+step `quiver train` takes on the same base, bit for bit (tests/training/test_pieces.py).
 
 Merged projections (the fused CPU kernel's q/k/v and gate/up as one matmul each,
 runtime/nn/groups.py) run as their members wherever a gradient must reach the input, so the
@@ -22,11 +30,14 @@ served base differentiates as the trainer's own, up to the fused kernel's roundi
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from pathlib import Path
 
 import torch
 
 from runtime.models.base import LoadedBase
+from runtime.training.pieces import PausePoints, PiecewiseCall
 from trainer.config import TrainConfig
 from trainer.loop import CHECKPOINTS, STATE_FILE, Trainer
 
@@ -36,6 +47,12 @@ class ResidentRun:
         self.cfg = cfg
         self.trainer = Trainer(cfg, base, resident=True, examples=examples)
         self._rng: torch.Tensor | None = None
+        self._call = PiecewiseCall(torch.get_num_threads())  # the engine thread's thread count
+        self._points = PausePoints(list(base.model.adapted_linears().values()), self._call.pause_point)
+        self._tokens_before = 0  # the trainer's token count when the step in flight began
+        self._seconds_before = 0.0  # ... and its step seconds
+        self._step_s = 0.0  # the pieces' time of the step in flight
+        self.last_step_s = 0.0  # the pieces' time of the last finished step
 
     @property
     def step(self) -> int:
@@ -47,40 +64,76 @@ class ResidentRun:
 
     @property
     def done(self) -> bool:
-        return self.trainer.done
+        return self.trainer.done and not self._call.in_flight
+
+    @property
+    def mid_step(self) -> bool:
+        return self._call.in_flight
 
     def setup(self) -> None:
         """Build the adapter and optimizer (and restore --resume's checkpoint)."""
         with self._scope():
             self.trainer.setup()
 
-    def advance(self) -> tuple[float, int]:
-        """One optimizer step: (its mean token loss, tokens trained on)."""
-        before = self.trainer.summary.tokens
-        with self._scope():
-            loss = self.trainer.advance()
-        return loss, self.trainer.summary.tokens - before
+    def advance(self, budget_s: float = math.inf) -> tuple[float, int] | None:
+        """One piece of the optimizer step in flight (or of the next), of about `budget_s`:
+        (the step's mean token loss, tokens trained on) once the step is done, else None."""
+        if not self._call.in_flight:
+            summary = self.trainer.summary
+            self._tokens_before, self._seconds_before, self._step_s = summary.tokens, summary.seconds, 0.0
+        t0 = time.perf_counter()
+        with self._piece():
+            done, loss = self._call.run(self.trainer.advance, budget_s)
+        self._step_s += time.perf_counter() - t0
+        if not done:
+            return None
+        # the trainer's clock ran through the serving steps between pieces: count the pieces only
+        self.trainer.summary.seconds = self._seconds_before + self._step_s
+        self.last_step_s = self._step_s
+        return loss, self.trainer.summary.tokens - self._tokens_before
 
     def finish(self, out_dir: Path) -> Path:
         with self._scope():
             return self.trainer.finish(out_dir)
 
     def close(self) -> None:
-        """Detach for good and drop the adapter, its optimizer state and activations."""
+        """Detach for good and drop the adapter, its optimizer state and activations (a step in
+        flight is abandoned: its piece thread unwinds it)."""
+        abandoned = self._call.in_flight
+        self._call.close()
         self.trainer.cleanup()
+        if abandoned:  # its pieces left the train flags on (`_piece`)
+            self.trainer.model.eval()
         self.trainer.method = self.trainer.optimizer = self.trainer.params = None
 
     @contextlib.contextmanager
     def _scope(self):
+        with self._job_rng():
+            self.trainer.attach()
+            try:
+                with torch.enable_grad():
+                    yield
+            finally:
+                self.trainer.detach()
+
+    @contextlib.contextmanager
+    def _piece(self):
+        with self._job_rng():
+            self.trainer.attach()
+            try:
+                with self._points.installed():
+                    yield
+            finally:
+                self.trainer.detach(eval_mode=not self._call.in_flight)
+
+    @contextlib.contextmanager
+    def _job_rng(self):
         serving = torch.get_rng_state()
         if self._rng is not None:
             torch.set_rng_state(self._rng)
-        self.trainer.attach()
         try:
-            with torch.enable_grad():
-                yield
+            yield
         finally:
-            self.trainer.detach()
             self._rng = torch.get_rng_state()
             torch.set_rng_state(serving)
 

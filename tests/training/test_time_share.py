@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.training.scheduler import TimeShare
+from runtime.training.scheduler import IDLE_SLICE_S, MIN_SLICE_S, TimeShare
 
 
 def _busy_share(share: float, step_s: float, slice_s: float, rounds: int = 20_000) -> float:
@@ -38,30 +38,49 @@ def test_short_slices_never_exceed_the_share():
         assert _busy_share(0.3, 0.010, slice_s) <= 0.3 + 0.01
 
 
-def test_idle_trains_whenever_asked_and_traffic_then_earns_the_next_slice_first():
+def test_idle_slices_are_short_and_traffic_then_earns_a_step_long_slice_first():
     ts = TimeShare(0.3)
     for _ in range(5):
-        assert ts.may_train(busy=False)
-        ts.trained(False, 1.0)
+        assert ts.may_train(busy=False) and ts.budget(busy=False) == IDLE_SLICE_S
+        ts.trained(False, IDLE_SLICE_S)
     served = 0.0
     while not ts.may_train(busy=True):  # a request arrived: served until a slice is earned
         ts.served(0.01)
         served += 0.01
-    assert served == pytest.approx(1.0 * 0.7 / 0.3, abs=0.011)
+    assert ts.budget(busy=True) == pytest.approx(0.01)  # the slice: one serving step long
+    assert served == pytest.approx(0.01 * 0.7 / 0.3, abs=0.011)
 
 
-def test_a_short_burst_is_never_slowed_by_more_than_the_share():
-    """48 decode steps of 5 ms after idle training with 0.66 s slices (the embedded model's
-    figures): no slice is earned within the burst, so its TPOT is what it is without a job."""
+def test_a_burst_gets_step_long_slices_at_most_the_share_of_its_time():
+    """48 decode steps of 5 ms after idle training (the embedded model's figures): slices of one
+    step's budget, together at most the share of the burst's time."""
     ts = TimeShare(0.3)
-    ts.trained(False, 0.66)
-    slices = 0
+    ts.trained(False, IDLE_SLICE_S)
+    served = trained = 0.0
+    budgets = []
     for _ in range(48):
         ts.served(0.005)
+        served += 0.005
         if ts.may_train(busy=True):
-            slices += 1
-            ts.trained(True, 0.66)
-    assert slices == 0
+            budgets.append(ts.budget(busy=True))
+            ts.trained(True, budgets[-1])
+            trained += budgets[-1]
+    assert budgets and all(b == pytest.approx(0.005) for b in budgets)
+    assert trained / (trained + served) <= 0.3 + 0.01
+
+
+def test_the_budget_follows_recent_steps_not_one_long_prefill():
+    ts = TimeShare(0.3)
+    for _ in range(20):
+        ts.served(0.005)
+    ts.served(0.200)  # one prefill step
+    assert ts.budget(busy=True) < 0.07
+    for _ in range(20):
+        ts.served(0.005)
+    assert ts.budget(busy=True) == pytest.approx(0.005, rel=0.05)
+    tiny = TimeShare(0.3)
+    tiny.served(1e-6)
+    assert tiny.budget(busy=True) == MIN_SLICE_S
 
 
 def test_share_one_trains_after_every_step_and_bad_shares_are_refused():

@@ -1,0 +1,152 @@
+"""A call run in pieces of bounded time between engine steps: a coroutine on a helper thread.
+
+    engine thread                               piece thread
+    done, value = call.run(fn, budget_s)  --->  fn() ... pause_point(): past the deadline?
+                 (waits)                  <---      yes: hand back, wait to be resumed
+    serving steps
+    done, value = call.run(fn, budget_s)  --->      ... fn goes on where it stopped
+                 (waits)                  <---  fn returned: done, its value
+
+One optimizer step of a job on the embedded model takes ~0.5 s, a decode step ~5 ms: run
+whole, a step is a gap of ~100 tokens' time in every stream beside it. Here the step pauses at
+the pause points its forward and backward pass through (`PausePoints`: every decoder
+projection, both ways) once its piece's time is up, and the engine steps in between.
+
+Exactly one of the two threads runs at any moment (a strict hand-off through two semaphores),
+so the call is the very computation an uninterrupted one is, the same ops in the same order on
+one thread, only stretched in time: a sliced step is bit-identical to a whole one by
+construction (tests/training/test_pieces.py checks it), whatever the split and the budget.
+The piece thread keeps torch's thread count of the engine thread and has grad mode on (both
+are per thread); torch's RNG is global, so a caller that swaps it around `run` (slices.py)
+swaps it for the piece too.
+
+`abandon` ends a call paused mid-way: its next pause point raises `Abandoned` on the piece
+thread, which unwinds it (a cancelled job: its half-done step is dropped with it).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+class Abandoned(BaseException):
+    """Raised at a pause point when the caller gave the call up (a BaseException: no `except
+    Exception` in the call may swallow it)."""
+
+
+class PiecewiseCall:
+    def __init__(self, threads: int, name: str = "quiver-train-piece"):
+        self._threads = threads
+        self._resume = threading.Semaphore(0)  # engine -> piece thread: go on
+        self._handback = threading.Semaphore(0)  # piece thread -> engine: paused or done
+        self._deadline = 0.0
+        self._fn: Callable[[], Any] | None = None  # the call in flight (None: none)
+        self._outcome: tuple[bool, Any] | None = None  # (ok, value or exception)
+        self._abandon = self._closing = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> bool:
+        return self._fn is not None
+
+    def run(self, fn: Callable[[], Any], budget_s: float) -> tuple[bool, Any]:
+        """Engine thread: start `fn` (or go on with the call in flight, whatever `fn` is) for
+        about `budget_s`; (True, its value) once it returned, else (False, None). What `fn`
+        raises is raised here."""
+        if self._fn is None:
+            self._fn = fn
+        self._deadline = time.perf_counter() + budget_s
+        self._resume.release()
+        self._handback.acquire()
+        if self._fn is not None:
+            return False, None
+        ok, value = self._outcome
+        self._outcome = None
+        if not ok:
+            raise value
+        return True, value
+
+    def pause_point(self) -> None:
+        """Piece thread (a no-op on any other): hand back if the piece's time is up."""
+        if time.perf_counter() < self._deadline or threading.current_thread() is not self._thread:
+            return
+        self._handback.release()
+        self._resume.acquire()
+        if self._abandon:
+            raise Abandoned()
+
+    def abandon(self) -> None:
+        """Engine thread: unwind the call in flight, if any (its outcome is dropped)."""
+        if self._fn is None:
+            return
+        self._abandon = True
+        self._resume.release()
+        self._handback.acquire()
+        self._abandon = False
+        self._outcome = None
+
+    def close(self) -> None:
+        """Abandon the call in flight and end the piece thread."""
+        self.abandon()
+        self._closing = True
+        self._resume.release()
+        self._thread.join(timeout=10)
+
+    def _serve(self) -> None:  # piece thread
+        torch.set_num_threads(self._threads)
+        torch.set_grad_enabled(True)
+        while True:
+            self._resume.acquire()
+            if self._closing:
+                return
+            try:
+                self._outcome = (True, self._fn())
+            except Abandoned:
+                self._outcome = None
+            except BaseException as e:  # noqa: BLE001 - handed to the engine thread, raised there
+                self._outcome = (False, e)
+            self._fn = None
+            self._handback.release()
+
+
+class PausePoints:
+    """Pause points in every forward and backward through a model's decoder projections.
+
+    Forward: before each projection (a module forward pre-hook). Backward: once the gradient of
+    a projection's input is complete (a hook on that tensor), i.e. after the backward of the
+    projections that read it. ~4-7 per decoder layer each way: a pause comes every few
+    milliseconds on the embedded model. Installed for a piece only (`installed`), so serving
+    steps in between run no hook.
+    """
+
+    def __init__(self, modules: list[nn.Module], pause: Callable[[], None]):
+        self._modules, self._pause = modules, pause
+
+    def _before(self, module: nn.Module, args: tuple) -> None:
+        self._pause()
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            x.register_hook(self._after_grad)
+
+    def _after_grad(self, grad: torch.Tensor) -> None:
+        self._pause()
+
+    def installed(self):
+        return _Installed([m.register_forward_pre_hook(self._before) for m in self._modules])
+
+
+class _Installed:
+    def __init__(self, handles):
+        self._handles = handles
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
