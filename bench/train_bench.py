@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.train_bench                        # 3 timed steps per peer, batch 8
     .venv/bin/python -m bench.train_bench --steps 5 --threads 1
     .venv/bin/python -m bench.train_bench --to-accuracy          # whole learning task per peer (slow)
+    .venv/bin/python -m bench.train_bench --in-server            # a job inside `quiver serve` (below)
 
 Both sides train LoRA r=16, alpha 32, all-linear, on the embedded SmolLM2-135M-Instruct stored
 as NF4 (double quantization, blocksize 64) with fp32 compute, AdamW with the trainer's linear
@@ -21,6 +22,15 @@ batches), so a load change on a shared machine hits all of them alike. tokens/s 
 reported: on a busy shared machine the CPU-time figure is the stable one. --to-accuracy runs every
 peer through the whole task (the slow test's settings) and adds the held-out exact-match accuracy
 (greedy, via teacher forcing) and the summed wall time of the training steps.
+
+--in-server measures issue 15's goals against `quiver serve` (a subprocess, embedded model,
+fused kernel, --train-share): a fine-tuning job with OpenAI's "auto" settings (LoRA r16
+all-linear, batch 4, lr 3e-3, a checkpoint per epoch) cut to --steps optimizer steps, and
+`quiver train` with the same settings in this process, alternately (--rounds each: the machine
+is shared); tokens / seconds of the optimizer steps on both sides (the job's from its metrics
+events: the time of its slices), medians. Then base-model streams (--stream-tokens, greedy)
+without a job and with one running, alternately: mean time per output token and the largest
+inter-token gap, the latter in decode steps (a step = the median TPOT without a job).
 """
 from __future__ import annotations
 
@@ -214,6 +224,175 @@ def report_rows(quick: bool = False, plot=None) -> str:
     return text
 
 
+# ---- --in-server: a fine-tuning job inside `quiver serve` against `quiver train` -------------------
+ADMIN = "bench-admin-token"
+
+
+class ServeProcess:
+    """`quiver serve` on the embedded model as a subprocess (free ports, a fresh data dir)."""
+
+    def __init__(self, data_dir: str, threads: int | None, share: float):
+        import subprocess
+        import sys
+        import threading
+
+        args = [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", "--http-port", "0",
+                "--metrics-port", "-1", "--data-dir", data_dir, "--admin-token", ADMIN,
+                "--train-share", str(share), *(["--threads", str(threads)] if threads else [])]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        ready = threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if line.startswith("quiver serving on "):
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(600) or self.proc.poll() is not None:
+            self.proc.kill()
+            raise RuntimeError("quiver serve did not start:\n" + "".join(self.lines[-30:]))
+        line = next(x for x in self.lines if x.startswith("quiver serving on "))
+        port = line.split(" and http :")[1].split()[0]
+        import openai
+
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=ADMIN, max_retries=0,
+                                    timeout=600)
+        self.model = self.client.models.list().data[0].id
+        self.file = self.client.files.create(file=open(DATA, "rb"), purpose="fine-tune").id
+
+    def create_job(self, max_steps: int | None, epochs: int = TASK["epochs"]) -> str:
+        quiver = {"max_steps": max_steps} if max_steps else {}
+        job = self.client.fine_tuning.jobs.create(
+            model=self.model, training_file=self.file, seed=TASK["seed"],
+            hyperparameters={"n_epochs": epochs}, extra_body={"quiver": quiver})
+        return job.id
+
+    def wait(self, job_id: str, statuses: tuple[str, ...]) -> str:
+        while True:
+            status = self.client.fine_tuning.jobs.retrieve(job_id).status
+            if status in statuses or status in ("succeeded", "failed", "cancelled"):
+                return status
+            time.sleep(0.2)
+
+    def step_stats(self, job_id: str) -> tuple[list[int], list[float]]:
+        """(tokens, seconds) of each optimizer step, from the job's metrics events (auto-paged)."""
+        events = [e for e in self.client.fine_tuning.jobs.list_events(job_id, limit=100) if e.type == "metrics"]
+        events.sort(key=lambda e: e.data["step"])
+        return [e.data["tokens"] for e in events], [e.data["seconds"] for e in events]
+
+    def stream(self, tokens: int) -> list[float]:
+        """One greedy base-model stream of `tokens` tokens: each token's arrival time."""
+        times = []
+        chunks = self.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": "Tell me a long story about a river."}],
+            max_tokens=tokens, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        for chunk in chunks:
+            if chunk.choices and chunk.choices[0].delta.content:
+                times.append(time.perf_counter())
+        return times
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except Exception:  # noqa: BLE001 - a bench cleans up as it can
+            self.proc.kill()
+
+
+def quiver_train_rate(steps: int, threads: int | None) -> float:
+    """`quiver train` with the job's settings (auto: LoRA r16 all-linear, batch 4, lr 3e-3, a
+    checkpoint per epoch) on its own base: tokens / seconds of its optimizer steps."""
+    import math
+
+    from runtime.training.jobs import AUTO_BATCH_SIZE, AUTO_LORA_LR, AUTO_RANK
+    from trainer import TrainConfig
+    from trainer.loop import Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        rows = sum(1 for line in open(DATA) if line.strip())
+        cfg = TrainConfig(method="lora", data=DATA, output=out, rank=AUTO_RANK, lr=AUTO_LORA_LR,
+                          batch_size=AUTO_BATCH_SIZE, epochs=TASK["epochs"], seed=TASK["seed"], max_steps=steps,
+                          save_every=math.ceil(rows / AUTO_BATCH_SIZE), progress=False, threads=threads)
+        trainer = Trainer(cfg)
+        trainer.setup()
+        while not trainer.done:
+            trainer.advance()
+        s = trainer.summary
+        return s.tokens / s.seconds
+
+
+def server_rate(srv: ServeProcess, steps: int) -> float:
+    job = srv.create_job(steps)
+    assert srv.wait(job, ()) == "succeeded"
+    tokens, seconds = srv.step_stats(job)
+    return sum(tokens) / sum(seconds)
+
+
+def stream_figures(times: list[float]) -> tuple[float, float]:
+    """(TPOT s, largest gap s) of one stream, from its second token on."""
+    gaps = [b - a for a, b in zip(times[1:], times[2:])]
+    return statistics.mean(gaps), max(gaps)
+
+
+def measure_in_server(rounds: int, steps: int, stream_tokens: int, threads: int | None, share: float) -> dict:
+    """A/B interleaved: per round, `quiver train` then the same job in the server, no traffic;
+    then base streams without a job and with one running, alternately."""
+    out = {"train": [], "server": [], "tpot": [], "tpot_job": [], "gap": [], "gap_job": []}
+    with tempfile.TemporaryDirectory() as data_dir:
+        srv = ServeProcess(data_dir, threads, share)
+        try:
+            srv.stream(8)  # warm
+            for r in range(rounds):
+                out["train"].append(quiver_train_rate(steps, threads))
+                out["server"].append(server_rate(srv, steps))
+                print(f"round {r + 1}: quiver train {out['train'][-1]:.0f} tok/s, in-server job "
+                      f"{out['server'][-1]:.0f} tok/s", flush=True)
+            for r in range(rounds):
+                tpot, gap = stream_figures(srv.stream(stream_tokens))
+                out["tpot"].append(tpot)
+                out["gap"].append(gap)
+                job = srv.create_job(None, epochs=50)
+                srv.wait(job, ("running",))
+                time.sleep(2.0)  # past the job's setup: its steps are running
+                tpot, gap = stream_figures(srv.stream(stream_tokens))
+                out["tpot_job"].append(tpot)
+                out["gap_job"].append(gap)
+                srv.client.fine_tuning.jobs.cancel(job)
+                srv.wait(job, ("cancelled",))
+                print(f"stream round {r + 1}: TPOT {out['tpot'][-1] * 1e3:.1f} ms -> {tpot * 1e3:.1f} ms with a "
+                      f"job; largest gap {out['gap'][-1] * 1e3:.1f} ms -> {gap * 1e3:.1f} ms", flush=True)
+        finally:
+            srv.close()
+    return out
+
+
+def in_server_report(out: dict, share: float) -> str:
+    med = {k: statistics.median(v) for k, v in out.items()}
+    step = med["tpot"]  # a decode step: the TPOT without a job
+    bound = 1 / (1 - share) * 1.1 if share < 1 else float("inf")
+    lines = [
+        table(["figure", "median", "runs"], [
+            ["quiver train tokens/s", f"{med['train']:.0f}", " ".join(f"{x:.0f}" for x in out["train"])],
+            ["in-server job tokens/s (no traffic)", f"{med['server']:.0f}", " ".join(f"{x:.0f}" for x in out["server"])],
+            ["base stream TPOT, no job (ms)", f"{med['tpot'] * 1e3:.1f}", " ".join(f"{x * 1e3:.1f}" for x in out["tpot"])],
+            ["base stream TPOT, job running (ms)", f"{med['tpot_job'] * 1e3:.1f}",
+             " ".join(f"{x * 1e3:.1f}" for x in out["tpot_job"])],
+            ["largest inter-token gap, no job (steps)", f"{med['gap'] / step:.1f}",
+             " ".join(f"{x / step:.1f}" for x in out["gap"])],
+            ["largest inter-token gap, job running (steps)", f"{med['gap_job'] / step:.1f}",
+             " ".join(f"{x / step:.1f}" for x in out["gap_job"])],
+        ]), "",
+        goal_line("in-server job tokens/s / quiver train tokens/s", med["server"] / med["train"], ">=", 0.9, "x"),
+        goal_line("TPOT with a job / TPOT without", med["tpot_job"] / med["tpot"], "<=", bound, "x"),
+        goal_line("largest inter-token gap with a job (decode steps)", med["gap_job"] / step, "<=", 3, ""),
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3, help="timed steps per peer (after one warm-up step)")
@@ -221,9 +400,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-peft-no-ckpt", action="store_true", help="only the QLoRA-recipe PEFT peer")
     p.add_argument("--to-accuracy", action="store_true", help="train each peer through the whole task")
+    p.add_argument("--in-server", action="store_true", help="a job inside quiver serve vs quiver train")
+    p.add_argument("--rounds", type=int, default=3, help="--in-server: A/B rounds of each measurement")
+    p.add_argument("--stream-tokens", type=int, default=128, help="--in-server: tokens per base stream")
+    p.add_argument("--train-share", type=float, default=0.3, help="--in-server: the server's --train-share")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.in_server:
+        out = measure_in_server(args.rounds, args.steps, args.stream_tokens, args.threads, args.train_share)
+        print(f"\n## Fine-tuning in the server: {args.steps} steps a job, --train-share {args.train_share}\n")
+        print(f"{machine_line()}, {torch.get_num_threads()} torch threads  \n{versions_line()}\n")
+        print(in_server_report(out, args.train_share))
+        return 0
     full = args.to_accuracy
     batch, steps = (TASK["batch_size"], None) if full else (args.batch_size, args.steps + 1)
     stats, accuracy = measure(batch, steps, not args.skip_peft_no_ckpt, full)
