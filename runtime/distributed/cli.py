@@ -3,7 +3,9 @@
     quiver serve-ray --adapter-store s3://bucket/adapters --num-replicas 2 --http-port 8000
     quiver serve-ray --address auto ...          on a running cluster (`ray start --head` first)
 
-Without --address a local Ray instance is started for this process (a laptop, one machine).
+Without --address a new local Ray instance is started for this process (a laptop, one machine;
+never a cluster that `ray start` left running here: that one is `--address auto`), with
+--num-cpus CPUs, and stopped with it.
 Prints `quiver serve-ray on http://HOST:PORT (N replicas)` when the application is running, then
 holds until SIGTERM / SIGINT, which deletes the application (each replica drains with
 --grace-period) and, for a local Ray instance, stops it.
@@ -28,6 +30,8 @@ def add_parser(sub) -> None:
     ray = p.add_argument_group("Ray Serve (README \"Ray Serve\")")
     ray.add_argument("--address", default=None,
                      help="Ray cluster to join (`auto`, or ray://HOST:10001); default: start one here")
+    ray.add_argument("--num-cpus", type=int, default=None,
+                     help="CPUs of the local Ray instance (default: the machine's); not with --address")
     ray.add_argument("--host", default="127.0.0.1",
                      help="the HTTP proxy's bind address (default 127.0.0.1; 0.0.0.0 on a cluster)")
     ray.add_argument("--http-port", type=int, default=8000, help="the HTTP proxy's port (default 8000)")
@@ -82,25 +86,41 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from runtime.distributed.app import build_app
-    from runtime.distributed.directory import directory_name
 
     local = args.address is None  # then ray.init starts a Ray instance for this process
-    ray.init(address=args.address, include_dashboard=False, namespace="quiver")
-    serve.start(http_options={"host": args.host, "port": args.http_port})
-    serve.run(build_app(cfg, opts), name=opts.app_name, route_prefix="/")
-    count = opts.autoscaling_config or opts.num_replicas
-    print(f"quiver serve-ray on http://{args.host}:{args.http_port} ({count} replicas)", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    if not local and args.num_cpus is not None:
+        raise ValueError("--num-cpus sizes the local Ray instance; a cluster joined with "
+                         "--address has its own (ray start --num-cpus)")
+    # "local": a new instance even where RAY_ADDRESS or an earlier `ray start` names one
+    # (ray.init(address=None) would join that cluster, and shutting down would stop its Serve)
+    ray.init(address=args.address or "local", num_cpus=args.num_cpus, include_dashboard=False,
+             namespace="quiver")
+    stop = threading.Event()  # set by SIGTERM / SIGINT, also during the start; installed after
+    for sig in (signal.SIGTERM, signal.SIGINT):  # ray.init, whose own SIGTERM handler kills the process
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    serve.delete(opts.app_name)  # replicas drain (graceful_shutdown_timeout_s, then __del__)
     try:
-        ray.kill(ray.get_actor(directory_name(opts.app_name), namespace="quiver"))
-    except ValueError:
-        pass  # no replica ever registered
-    if local:
-        serve.shutdown()
-        ray.shutdown()
+        serve.start(http_options={"host": args.host, "port": args.http_port})
+        serve.run(build_app(cfg, opts), name=opts.app_name, route_prefix="/")
+        count = opts.autoscaling_config or opts.num_replicas
+        print(f"quiver serve-ray on http://{args.host}:{args.http_port} ({count} replicas)", flush=True)
+        stop.wait()
+        serve.delete(opts.app_name)  # replicas drain (graceful_shutdown_timeout_s, then __del__)
+        _remove_directory(opts.app_name)
+    finally:
+        if local:  # the Ray instance and its processes go with this one
+            serve.shutdown()
+            ray.shutdown()
     print("quiver serve-ray stopped", flush=True)
     return 0
+
+
+def _remove_directory(app_name: str) -> None:
+    """The app's replica directory is a detached actor: it would outlive the app on a cluster."""
+    import ray
+
+    from runtime.distributed.directory import directory_name
+
+    try:
+        ray.kill(ray.get_actor(directory_name(app_name), namespace="quiver"))
+    except ValueError:
+        pass  # no replica ever registered
