@@ -41,7 +41,8 @@ def add_model_options(p: argparse.ArgumentParser, serving: bool = True) -> None:
                             "standard (bnb.matmul_4bit; CUDA kernels on GPU); default auto: fused "
                             "on CPUs that have it unless --dtype float32")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch compute threads (default: the cores torch sees)")
+                   help="torch compute threads (default: the cores torch sees, capped by a "
+                        "cgroup CPU limit such as a container's --cpus or a Kubernetes limit)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,8 +25,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 KERNELS = ("auto", "cpu-fused", "standard")
 
@@ -83,12 +86,70 @@ def quiet_bitsandbytes_import() -> None:
 
 
 def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads (None: leave torch's default, the cores it sees); returns
-    the count in force. The engine step is the only heavy compute in the process: the gRPC and
-    HTTP threads only convert messages, so they need no cores of their own."""
+    """Set torch's intra-op threads; returns the count in force. None: the cores this process
+    may use: torch's default (the CPUs of its affinity mask) capped by a cgroup CPU limit
+    (`cpu_limit`). The engine step is the only heavy compute in the process: the gRPC and HTTP
+    threads only convert messages, so they need no cores of their own."""
+    if threads is None:
+        limit = cpu_limit()
+        if limit is not None and limit < torch.get_num_threads():
+            log.info("%d threads: the cgroup CPU limit is %d CPUs (torch sees %d)", limit, limit,
+                     torch.get_num_threads())
+            threads = limit
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def cpu_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """CPUs this process's cgroup may use per period (a container's `--cpus`, a Kubernetes CPU
+    limit), rounded up; None where there is no limit or no cgroup to read.
+
+    Why: torch sizes its OpenMP team by the CPUs it sees, which in a container are the node's.
+    A step's team waits at every parallel region for its slowest thread, so a team larger than
+    the quota is throttled mid-region, and each of a step's ~120 regions then waits out the
+    throttled period: measured here, a 2-thread step on 2 oversubscribed cores ran 60x slower
+    than on 1 thread. cgroup v2 (`cpu.max`: "quota period" or "max ...") and v1
+    (`cpu.cfs_quota_us` / `cpu.cfs_period_us`, -1 = none) are both read.
+    """
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if controllers == "":  # v2 unified hierarchy
+            quota_period = _read(Path(root, rel, "cpu.max"))
+            if quota_period:
+                quota, _, period = quota_period.partition(" ")
+                return _cpus(quota, period)
+        elif "cpu" in controllers.split(","):
+            base = Path(root, controllers, rel)
+            if not base.exists():
+                base = Path(root, "cpu", rel)
+            found = _cpus(_read(base / "cpu.cfs_quota_us"), _read(base / "cpu.cfs_period_us"))
+            if found is not None:
+                return found
+    return None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cpus(quota: str | None, period: str | None) -> int | None:
+    """ceil(quota / period) for a set quota; None for "max", -1 or anything unreadable."""
+    try:
+        q, p = int(quota), int(period)
+    except (TypeError, ValueError):
+        return None
+    if q <= 0 or p <= 0:
+        return None
+    return max(1, -(-q // p))
 
 
 def fused_matmul(x: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:
