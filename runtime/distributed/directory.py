@@ -2,6 +2,10 @@
 
     directory(app).register.remote(replica_id, info, actor)     each replica, once it serves
     directory(app).listing.remote()                            live replicas' current info
+    directory(app).replaced.remote(adapter_id) -> generation   the store's copy of an adapter
+                                                               was replaced (the load route)
+    directory(app).generations.remote()                        {adapter id: generation}, which
+                                                               each replica polls (replica.py)
 
 Serve's handles route and do not enumerate replicas; an operator (and the tests) need to ask
 each replica what it holds (ListAdapters on its gRPC port), so replicas announce themselves
@@ -20,6 +24,16 @@ PING_S = 2.0
 class ReplicaDirectory:
     def __init__(self):
         self._replicas: dict[str, tuple[dict, ray.actor.ActorHandle]] = {}
+        #: adapter id -> how many times its copy in the store was replaced through the app;
+        #: a replica holding it at an older generation reloads it (absent = 0)
+        self._generations: dict[str, int] = {}
+
+    def replaced(self, adapter_id: str) -> int:
+        self._generations[adapter_id] = self._generations.get(adapter_id, 0) + 1
+        return self._generations[adapter_id]
+
+    def generations(self) -> dict[str, int]:
+        return dict(self._generations)
 
     def register(self, replica_id: str, info: dict, actor) -> None:
         self._replicas[replica_id] = (info, actor)

@@ -18,6 +18,14 @@ Each replica also serves gRPC (Generation, Adapters: ListAdapters per replica) o
 --replica-host (loopback by default), and registers itself in the app's directory
 (directory.py), which GET /v1/replicas on the ingress lists.
 
+A replaced adapter (README "Ray Serve"): vLLM's load route through the ingress for an id that is
+already loaded replaces it: the replica that takes the call loads the new weights from
+`lora_path` (after its own requests for the id finish), publishes them to the store, and bumps
+the id's generation in the app's directory. Every replica polls the generations (every
+`refresh_s`, one call to a local actor) and reloads, from the store, an adapter it holds at an
+older generation: its new requests for that id wait until the in-flight ones have finished on
+the old weights, then the new copy is swapped in (no request sees two versions, none fails).
+
 Shutdown (scale-down, rolling update): Serve stops routing to the replica and waits for its
 in-flight requests (graceful_shutdown_timeout_s, set from --grace-period), then calls
 `__del__`, which drains the engine as SIGTERM does for `quiver serve` (app.py QuiverServer.shutdown).
@@ -30,9 +38,12 @@ import json
 import logging
 import os
 import socket
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
+from runtime.adapters.registry import AdapterBusy, AdapterNotFound
 from runtime.config import ServerConfig
 from runtime.distributed.asgi import Head, HttpCall, exchange
 
@@ -40,6 +51,7 @@ log = logging.getLogger(__name__)
 
 #: vLLM's load route: on a replica it also publishes the adapter to the shared store
 LOAD_ROUTE = "/v1/load_lora_adapter"
+MODELS_ROUTE = "/v1/models"
 REPLICA_HEADER = "x-quiver-replica"
 #: "1" when the replica held the request's adapter before the request (affinity, bench/ray_bench.py)
 RESIDENT_HEADER = "x-quiver-adapter-resident"
@@ -63,8 +75,12 @@ class AdapterLease:
             pass
 
 
+#: how long a request waits for its adapter's pending reload before it runs on the old copy
+RELOAD_WAIT_S = 60.0
+
+
 class QuiverReplica:
-    def __init__(self, cfg: ServerConfig, app_name: str = "quiver"):
+    def __init__(self, cfg: ServerConfig, app_name: str = "quiver", refresh_s: float = 1.0):
         from ray import serve
 
         from runtime.server.app import build_server
@@ -87,11 +103,20 @@ class QuiverReplica:
             return await self._lease(adapter_id)
 
         self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_device_adapters)(lease)
+        # replaced adapters (module docstring): the directory's generations as last polled, the
+        # generation each held adapter was loaded at, and those whose reload is pending
+        self._generations: dict[str, int] = {}
+        self._loaded_at: dict[str, int] = {}
+        self._stale: set[str] = set()
+        self._closing = threading.Event()
         self._register()
+        threading.Thread(target=self._watch, args=(refresh_s,), name="quiver-adapter-watch", daemon=True).start()
         log.info("replica %s serving %s (gRPC %s)", self.replica_id, self.base, self.server.address)
 
     async def _lease(self, adapter_id: str) -> AdapterLease:
+        generation = self._generations.get(adapter_id, 0)  # polled before the fetch: never newer
         await asyncio.get_running_loop().run_in_executor(self._pool, self.server.core.ensure_adapter, adapter_id)
+        self._loaded_at[adapter_id] = generation
         return AdapterLease(self.server.core, adapter_id)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -106,6 +131,14 @@ class QuiverReplica:
             async for part in self._load_and_publish(call):
                 yield part
             return
+        if call.path == MODELS_ROUTE and call.method == "GET":
+            for part in await self._models(call):
+                yield self._tagged(part)
+            return
+        if adapter_id in self._stale:  # its new copy goes in once the running requests finish
+            deadline = time.monotonic() + RELOAD_WAIT_S
+            while adapter_id in self._stale and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         resident = bool(adapter_id) and self.server.core.registry.contains(adapter_id)
         if adapter_id:
             try:
@@ -118,25 +151,139 @@ class QuiverReplica:
             yield self._tagged(part)
 
     async def _load_and_publish(self, call: HttpCall):
-        """vLLM's load route, then the adapter goes to the shared store (store.publish) and into
-        Serve's multiplexer here, so this replica is where its requests go and any other can
-        fetch it. The answer is held until then: a failed upload is the answer."""
-        parts = [p async for p in exchange(self.app, call)]
-        head = parts[0]
-        if head.status == 200:
-            adapter_id = json.loads(call.body)["lora_name"]
-            try:
-                core = self.server.core
-                source = Path(core.adapter_info(adapter_id).source)
-                await asyncio.get_running_loop().run_in_executor(self._pool, core.store.publish, adapter_id, source)
-                await self._adapter(adapter_id)
-            except Exception as e:  # noqa: BLE001 - as the routes answer it
-                from runtime.server.http.errors import from_exception
-
-                status, body = from_exception(e)
-                parts = [Head(status, [("content-type", "application/json")]), json.dumps(body).encode()]
+        """vLLM's load route, then the adapter goes to the shared store (store.publish), into
+        Serve's multiplexer here, and its generation is bumped (every other holder reloads it),
+        so this replica is where its requests go and any other can fetch it. An id this replica
+        holds already is replaced (module docstring), not refused. The answer is held until then:
+        a failed upload is the answer."""
+        adapter_id = _lora_name(call.body)
+        core = self.server.core
+        replacing = bool(adapter_id) and core.registry.contains(adapter_id)
+        if replacing:
+            refusal = await self._refusal(call)  # the route's own auth, before anything changes
+            if refusal is not None:
+                for part in refusal:
+                    yield self._tagged(part)
+                return
+            self._stale.add(adapter_id)  # new requests for it wait; the running ones finish
+        try:
+            if replacing:
+                await asyncio.get_running_loop().run_in_executor(self._pool, self._unload_when_idle, adapter_id)
+            parts = [p async for p in exchange(self.app, call)]
+            if parts[0].status == 200:
+                parts = await self._publish(adapter_id) or parts
+        finally:
+            self._stale.discard(adapter_id)
         for part in parts:
             yield self._tagged(part)
+
+    async def _publish(self, adapter_id: str) -> list | None:
+        """Upload the loaded adapter, hold it in the multiplexer, bump its generation; None when
+        all went well, else the error answer."""
+        core = self.server.core
+        try:
+            source = Path(core.adapter_info(adapter_id).source)
+            await asyncio.get_running_loop().run_in_executor(self._pool, core.store.publish, adapter_id, source)
+            await self._adapter(adapter_id)
+            self._loaded_at[adapter_id] = await self._directory.replaced.remote(adapter_id)
+        except Exception as e:  # noqa: BLE001 - as the routes answer it
+            from runtime.server.http.errors import from_exception
+
+            status, body = from_exception(e)
+            return [Head(status, [("content-type", "application/json")]), json.dumps(body).encode()]
+        return None
+
+    async def _refusal(self, call: HttpCall) -> list | None:
+        """The load route's admin-token check on `call`: None if it passes, else its answer."""
+        from starlette.requests import Request
+
+        from runtime.server import auth
+        from runtime.server.http.access import guard
+        from runtime.server.http.errors import HttpError, from_exception
+
+        cfg, core = self.cfg, self.server.core
+        rule = auth.rules_for(cfg.host, cfg.admin_token, cfg.api_token)[auth.ADAPTERS_SERVICE]
+        try:
+            await guard(rule, auth.ADAPTERS_SERVICE, core.metrics.auth_refused)(Request(call.scope()))
+        except HttpError as e:
+            status, body = from_exception(e)
+            return [Head(status, [("content-type", "application/json")]), json.dumps(body).encode()]
+        return None
+
+    # ---- replaced adapters ------------------------------------------------------------------
+    def _watch(self, refresh_s: float) -> None:
+        """Poll the directory's generations; reload what this replica holds at an older one."""
+        import ray
+
+        while not self._closing.wait(refresh_s):
+            try:
+                self._generations = ray.get(self._directory.generations.remote(), timeout=10)
+            except Exception as e:  # noqa: BLE001 - the directory is restarting: next time
+                log.debug("adapter generations unavailable: %s", e)
+                continue
+            for adapter_id, generation in self._generations.items():
+                if self._loaded_at.get(adapter_id, 0) < generation and self.server.core.registry.contains(adapter_id):
+                    self._reload(adapter_id, generation)
+
+    def _reload(self, adapter_id: str, generation: int) -> None:
+        """The store's copy in place of the held one, once its running requests have finished
+        (new ones wait: self._stale)."""
+        core = self.server.core
+        self._stale.add(adapter_id)
+        try:
+            core.store.fetch(adapter_id)  # the new objects into the cache (s3_store.py)
+            while not self._closing.is_set():
+                if self._idle(adapter_id):
+                    try:
+                        core.load_adapter(adapter_id)  # from the store's path for the id
+                        break
+                    except AdapterBusy:  # a request slipped in before the gate: wait again
+                        pass
+                time.sleep(0.02)
+            log.info("adapter %s reloaded from %s (generation %d)", adapter_id, core.store.describe(), generation)
+        except Exception as e:  # noqa: BLE001 - keeps the old copy; the next replacement retries
+            log.warning("adapter %s could not be reloaded from the store: %s", adapter_id, e)
+        finally:
+            self._loaded_at[adapter_id] = generation
+            self._stale.discard(adapter_id)
+
+    def _unload_when_idle(self, adapter_id: str) -> None:
+        """Unload `adapter_id` once its running requests finish (--grace-period at most; past
+        it, it goes when they finish and the load route answers that it is busy)."""
+        deadline = time.monotonic() + self.cfg.grace_period_s
+        while not self._idle(adapter_id) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.server.core.unload_adapter(adapter_id)
+
+    def _idle(self, adapter_id: str) -> bool:
+        try:
+            return self.server.core.adapter_info(adapter_id).in_flight == 0
+        except AdapterNotFound:
+            return True
+
+    async def _models(self, call: HttpCall) -> list:
+        """GET /v1/models: the route's list (the base, what this replica holds or has cached),
+        then every other adapter in a shared S3 store, so the app lists what any replica can
+        serve, not what one replica happened to fetch. (A local --adapter-dir is listed whole
+        by the route already.)"""
+        from runtime.adapters.s3_store import S3AdapterStore
+
+        parts = [p async for p in exchange(self.app, call)]
+        store = self.server.core.store
+        if parts[0].status != 200 or not isinstance(store, S3AdapterStore):
+            return parts
+        listing = json.loads(b"".join(parts[1:]))
+        try:
+            remote = await asyncio.get_running_loop().run_in_executor(self._pool, store.remote_ids)
+        except Exception as e:  # noqa: BLE001 - the store is down: the replica's own view
+            log.warning("GET /v1/models without the store's adapters: %s", e)
+            remote = []
+        seen = {card["id"] for card in listing["data"]}
+        base = listing["data"][0]
+        listing["data"] += [{"id": a, "object": "model", "created": base["created"], "owned_by": "quiver",
+                             "root": store.location.uri(a), "parent": self.base} for a in remote if a not in seen]
+        head = Head(200, [(k, v) for k, v in parts[0].headers if k.lower() != "content-length"])
+        return [head, json.dumps(listing).encode()]
 
     def _tagged(self, part):
         if isinstance(part, Head):
@@ -161,7 +308,8 @@ class QuiverReplica:
         from runtime.distributed.directory import directory
 
         me = ray.get_runtime_context().current_actor
-        ray.get(directory(self.app_name).register.remote(self.replica_id, self.info(), me))
+        self._directory = directory(self.app_name)
+        ray.get(self._directory.register.remote(self.replica_id, self.info(), me))
 
     # ---- life cycle -------------------------------------------------------------------------
     def check_health(self) -> None:
@@ -170,10 +318,22 @@ class QuiverReplica:
             raise RuntimeError("the engine loop has stopped")
 
     def __del__(self):
+        closing = getattr(self, "_closing", None)
+        if closing is not None:
+            closing.set()
         server = getattr(self, "server", None)
         if server is not None:
             server.shutdown()  # drain with --grace-period, as on SIGTERM
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _lora_name(body: bytes) -> str:
+    """The load route's `lora_name`, "" when the body has none (the route answers that)."""
+    try:
+        value = json.loads(body).get("lora_name")
+    except (ValueError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""
 
 
 def replica_config(cfg: ServerConfig) -> ServerConfig:

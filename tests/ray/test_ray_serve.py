@@ -100,6 +100,68 @@ def test_an_adapter_published_by_one_replica_is_served_by_the_other(quiver_app, 
     assert "fresh/lora" in held(other)
 
 
+def test_loading_a_held_adapter_again_replaces_it_on_every_replica_that_holds_it(quiver_app, adapter_sources):
+    """vLLM's load route through the ingress for an id that replicas hold already: the writer
+    loads the new weights and publishes them, every other holder reloads them from the store
+    (the directory's generation), and all answer with the new weights; requests running on the
+    holders meanwhile finish on the old weights."""
+    import httpx
+
+    from runtime.server.client import QuiverClient
+    from tests.peft_factory import make_peft_adapter, make_tiny_model
+
+    adapter_id, app = ADAPTERS[2], openai_at(quiver_app)
+    live = replicas(quiver_app)
+
+    def answers() -> list[str]:
+        out = []
+        for r in live:  # each replica on its own gRPC port: it loads the adapter if it lacks it
+            with QuiverClient(r["grpc"], timeout=60) as q:
+                out.append(q.generate(text="w7 w8 w9", adapter_id=adapter_id, max_new_tokens=8, ignore_eos=True).text)
+        return out
+
+    def long_stream(replica: dict, begun: threading.Barrier) -> str:
+        with QuiverClient(replica["grpc"], timeout=60) as q:
+            parts = q.generate_stream(text="w7 w8", adapter_id=adapter_id, max_new_tokens=160, ignore_eos=True)
+            text = next(parts).text
+            begun.wait(30)
+            for part in parts:
+                text += part.text
+            return text
+
+    before = answers()
+    assert len(set(before)) == 1 and all(adapter_id in held(r) for r in live)
+    with QuiverClient(live[0]["grpc"], timeout=60) as q:  # what the old weights say at length
+        old_long = q.generate(text="w7 w8", adapter_id=adapter_id, max_new_tokens=160, ignore_eos=True).text
+    v2 = make_peft_adapter(make_tiny_model("llama", seed=0), "lora", adapter_sources["fresh"].parent / "v2", seed=99)
+    begun = threading.Barrier(len(live) + 1)
+    with ThreadPoolExecutor(len(live)) as pool:  # a request running on each holder meanwhile
+        running = [pool.submit(long_stream, r, begun) for r in live]
+        begun.wait(30)
+        r = httpx.post(f"{quiver_app}/v1/load_lora_adapter", timeout=60,
+                       json={"lora_name": adapter_id, "lora_path": str(v2)})
+        assert r.status_code == 200, r.text
+        assert [f.result() for f in running] == [old_long] * len(live), \
+            "a request running during the replacement failed or saw the new weights"
+    new = ask(app, adapter_id)[0]
+    assert new != before[0], "the load route did not replace the adapter on the replica that took it"
+    deadline = time.monotonic() + 15
+    while answers() != [new] * len(live):
+        assert time.monotonic() < deadline, f"a holder kept the old weights: {answers()} vs {new!r}"
+        time.sleep(0.5)
+
+
+def test_models_lists_every_adapter_in_the_store(quiver_app, adapter_sources, s3_endpoint):
+    """Not only what one replica has fetched: an adapter only the bucket has is listed too."""
+    from tests.s3_factory import s3_client, upload_adapter
+
+    upload_adapter(s3_client(s3_endpoint), BUCKET, PREFIX, "only-in-store/lora", adapter_sources[ADAPTERS[5]])
+    models = {m.id: m for m in openai_at(quiver_app).models.list()}
+    assert next(iter(models)) == BASE_ID
+    assert set(ADAPTERS) | {"fresh/lora", "only-in-store/lora"} <= set(models)
+    assert models["only-in-store/lora"].root == f"s3://{BUCKET}/{PREFIX}only-in-store/lora/"
+
+
 def test_a_killed_replica_loses_only_its_requests_and_ray_restarts_it(quiver_app):
     """Streams show where each request runs (the header comes first); the victim is killed once
     every stream has begun. Its streams end with a retryable error event, its unary requests are
@@ -157,3 +219,65 @@ def test_a_killed_replica_loses_only_its_requests_and_ray_restarts_it(quiver_app
     assert all(answer[0] for answer in (ask(retrying, a) for a in ADAPTERS))
     restarted = wait_for_replicas(quiver_app, 2, exclude={victim["replica_id"]})
     assert victim["replica_id"] not in {r["replica_id"] for r in restarted}
+
+
+def test_app_builder_from_serve_run_args_and_a_rolling_update_finishes_the_old_replicas_stream(
+        quiver_app, chat_model_dir, s3_endpoint, tmp_path):
+    """What `serve run runtime.distributed.app:app_builder key=value ...` builds (every value a
+    string, as Serve passes them), run in place of the fixture's app; then a new version of the
+    replica deployment (a changed setting) while a stream runs on the old replica: Serve's
+    graceful shutdown lets it finish every token, and the new replica answers after."""
+    from ray import serve
+
+    from runtime.distributed.app import app_builder
+
+    serve.delete("quiver")  # the fixture's app is done with: its 2 replicas hold the 2 CPUs
+    args = {"model": str(chat_model_dir), "quantize": "none", "dtype": "float32", "device": "cpu",
+            "threads": "1", "kv_cache_tokens": "8192", "max_lora_rank": "8", "max_device_adapters": "4",
+            "served_model_name": BASE_ID, "adapter_store": f"s3://{BUCKET}/{PREFIX}",
+            "s3_endpoint_url": s3_endpoint, "adapter_cache_dir": str(tmp_path / "cache"),
+            "grace_period_s": "5", "num_replicas": "1", "replica_cpus": "0", "max_ongoing_requests": "16",
+            "app_name": "builder", "route_by_adapter": "true"}
+    serve.run(app_builder(args), name="builder", route_prefix="/")
+    (old,) = wait_for_replicas(quiver_app, 1, timeout_s=60)
+    assert old["max_device_adapters"] == 4
+    app = openai_at(quiver_app)
+    assert ask(app, ADAPTERS[1])[1] == old["replica_id"]
+
+    began, lock, ends = threading.Event(), threading.Lock(), []
+
+    def stream() -> None:
+        with app.completions.with_streaming_response.create(
+                model=ADAPTERS[1], prompt="w7 w8", stream=True, max_tokens=240, temperature=0,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True}) as raw:
+            tokens = []
+            for chunk in raw.parse():
+                began.set()
+                tokens.extend([chunk.usage.completion_tokens] if chunk.usage else [])
+            with lock:
+                ends.append((raw.headers["x-quiver-replica"], tokens, time.monotonic()))
+
+    readers = [threading.Thread(target=stream) for _ in range(4)]  # 4 in one batch: longer steps
+    for reader in readers:
+        reader.start()
+    assert began.wait(60), "the streams did not start"  # the old replica is generating
+    updater = threading.Thread(target=serve.run, args=(app_builder({**args, "max_queue": "64"}),),
+                               kwargs={"name": "builder", "route_prefix": "/"})
+    updater.start()
+    stopping = None
+    while stopping is None and any(r.is_alive() for r in readers):
+        states = serve.status().applications["builder"].deployments["QuiverReplica"].replica_states
+        stopping = time.monotonic() if states.get("STOPPING") else None
+        time.sleep(0.05)
+    for reader in readers:
+        reader.join(60)
+    assert [(replica, tokens) for replica, tokens, _ in ends] == [(old["replica_id"], [240])] * 4, \
+        "the rolling update cut a stream of the old replica"
+    assert stopping is not None and max(end for _, _, end in ends) > stopping, \
+        "the streams ended before Serve began to stop the old replica"
+    print(f"streams went on {max(end for _, _, end in ends) - stopping:.2f} s after STOPPING")
+    updater.join(90)
+    assert not updater.is_alive()
+    (new,) = wait_for_replicas(quiver_app, 1, timeout_s=60, exclude={old["replica_id"]})
+    assert ask(app, ADAPTERS[1])[1] == new["replica_id"]
+    serve.delete("builder")
