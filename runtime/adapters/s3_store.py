@@ -154,6 +154,16 @@ class S3AdapterStore(AdapterStore):
                 self._download(adapter_id, path, wanted)
         return path
 
+    def version(self, adapter_id: str) -> dict[str, str]:
+        """{object name: ETag} of the adapter in the bucket now (one LIST; {} when absent),
+        comparable with `cached_version`: a Ray replica's check for a replaced adapter."""
+        self.path_for_id(adapter_id)  # validates the id
+        return {name: etag for name, (etag, _) in self._objects(adapter_id).items() if name in FETCHED}
+
+    def cached_version(self, adapter_id: str) -> dict[str, str] | None:
+        """{object name: ETag} the cached copy was fetched (or published) at; None without one."""
+        return _manifest(self.path_for_id(adapter_id))
+
     def _objects(self, adapter_id: str) -> dict[str, tuple[str, int]]:
         """name -> (ETag, size) of the objects directly under the adapter's key prefix that
         this store knows (FETCHED and BIN_NAME); anything else there is ignored."""

@@ -45,14 +45,17 @@ class RayOptions:
     #: how often each replica asks the app's directory which adapters were replaced (through
     #: the load route) and reloads those it holds (replica.py)
     adapter_refresh_s: float = 1.0
+    #: how often each replica compares the store's version of the adapters it holds (S3 ETags:
+    #: one LIST each) with the one it loaded, and reloads a replaced one; 0 = never
+    adapter_check_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.autoscaling_config is None and self.num_replicas < 1:
             raise ValueError("--num-replicas must be >= 1")
         if self.max_ongoing_requests < 1 or self.ingress_replicas < 1:
             raise ValueError("--max-ongoing-requests and --ingress-replicas must be >= 1")
-        if self.adapter_refresh_s <= 0:
-            raise ValueError("adapter_refresh_s must be > 0")
+        if self.adapter_refresh_s <= 0 or self.adapter_check_s < 0:
+            raise ValueError("adapter_refresh_s must be > 0 and --adapter-check-interval >= 0")
 
 
 def replica_options(cfg: ServerConfig, opts: RayOptions) -> dict:
@@ -84,7 +87,7 @@ def build_app(cfg: ServerConfig, opts: RayOptions | None = None):
                                max_ongoing_requests=opts.max_ongoing_requests * max(1, opts.num_replicas),
                                ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {
                                    "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": str(opts.queue_probe_deadline_s)}}})
-    return ingress.bind(replica.bind(cfg, opts.app_name, opts.adapter_refresh_s), opts.app_name, cfg.max_message_bytes,
+    return ingress.bind(replica.bind(cfg, opts.app_name, opts.adapter_refresh_s, opts.adapter_check_s), opts.app_name, cfg.max_message_bytes,
                         opts.route_by_adapter)
 
 

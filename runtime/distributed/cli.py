@@ -49,6 +49,10 @@ def add_parser(sub) -> None:
     ray.add_argument("--replica-host", default="127.0.0.1",
                      help="where each replica binds its own gRPC port (default loopback)")
     ray.add_argument("--app-name", default="quiver", help="the Serve application's name (default quiver)")
+    ray.add_argument("--adapter-check-interval", type=float, default=30.0, metavar="S",
+                     help="seconds between each replica's check that the adapters it holds are "
+                          "still the store's copy (S3: one LIST per adapter); a replaced one is "
+                          "reloaded; 0 = never (default 30)")
     # what `quiver serve`'s network and fine-tuning flags would set (replica.replica_config
     # gives each replica free ports and no fine-tuning anyway)
     d = ServerConfig()
@@ -63,7 +67,8 @@ def options_from_args(args: argparse.Namespace):
     autoscaling = json.loads(args.autoscaling_config) if args.autoscaling_config else None
     return RayOptions(num_replicas=args.num_replicas, autoscaling_config=autoscaling,
                       replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
-                      max_ongoing_requests=args.max_ongoing_requests, app_name=args.app_name)
+                      max_ongoing_requests=args.max_ongoing_requests, app_name=args.app_name,
+                      adapter_check_s=args.adapter_check_interval)
 
 
 def config_from_args(args: argparse.Namespace):

@@ -25,6 +25,10 @@ the id's generation in the app's directory. Every replica polls the generations 
 `refresh_s`, one call to a local actor) and reloads, from the store, an adapter it holds at an
 older generation: its new requests for that id wait until the in-flight ones have finished on
 the old weights, then the new copy is swapped in (no request sees two versions, none fails).
+An adapter replaced in the store by anything else (an upload straight to the bucket) is found
+every `check_s`: the replica compares the store's version of each adapter it holds (the S3
+objects' ETags, one LIST each; a directory's files' mtime and size) with the one it loaded, and
+reloads it the same way when they differ.
 
 Shutdown (scale-down, rolling update): Serve stops routing to the replica and waits for its
 in-flight requests (graceful_shutdown_timeout_s, set from --grace-period), then calls
@@ -43,7 +47,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from runtime.adapters.peft_format import CONFIG_NAME, SAFETENSORS_NAME
 from runtime.adapters.registry import AdapterBusy, AdapterNotFound
+from runtime.adapters.s3_store import S3AdapterStore
 from runtime.config import ServerConfig
 from runtime.distributed.asgi import Head, HttpCall, exchange
 
@@ -80,7 +86,8 @@ RELOAD_WAIT_S = 60.0
 
 
 class QuiverReplica:
-    def __init__(self, cfg: ServerConfig, app_name: str = "quiver", refresh_s: float = 1.0):
+    def __init__(self, cfg: ServerConfig, app_name: str = "quiver", refresh_s: float = 1.0,
+                 check_s: float = 30.0):
         from ray import serve
 
         from runtime.server.app import build_server
@@ -104,20 +111,26 @@ class QuiverReplica:
 
         self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_device_adapters)(lease)
         # replaced adapters (module docstring): the directory's generations as last polled, the
-        # generation each held adapter was loaded at, and those whose reload is pending
+        # generation and store version each held adapter was loaded at, those whose reload is pending
         self._generations: dict[str, int] = {}
         self._loaded_at: dict[str, int] = {}
+        self._versions: dict[str, dict | None] = {}
         self._stale: set[str] = set()
         self._closing = threading.Event()
         self._register()
-        threading.Thread(target=self._watch, args=(refresh_s,), name="quiver-adapter-watch", daemon=True).start()
+        threading.Thread(target=self._watch, args=(refresh_s, check_s), name="quiver-adapter-watch",
+                         daemon=True).start()
         log.info("replica %s serving %s (gRPC %s)", self.replica_id, self.base, self.server.address)
 
     async def _lease(self, adapter_id: str) -> AdapterLease:
         generation = self._generations.get(adapter_id, 0)  # polled before the fetch: never newer
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.server.core.ensure_adapter, adapter_id)
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._ensure, adapter_id)
         self._loaded_at[adapter_id] = generation
         return AdapterLease(self.server.core, adapter_id)
+
+    def _ensure(self, adapter_id: str) -> None:
+        self.server.core.ensure_adapter(adapter_id)  # lazily, from the store
+        self._versions[adapter_id] = self._copy_version(adapter_id)
 
     # ---- requests ---------------------------------------------------------------------------
     async def forward(self, call: HttpCall, adapter_id: str = ""):
@@ -183,8 +196,10 @@ class QuiverReplica:
         core = self.server.core
         try:
             source = Path(core.adapter_info(adapter_id).source)
-            await asyncio.get_running_loop().run_in_executor(self._pool, core.store.publish, adapter_id, source)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._pool, core.store.publish, adapter_id, source)
             await self._adapter(adapter_id)
+            self._versions[adapter_id] = await loop.run_in_executor(self._pool, self._store_version, adapter_id)
             self._loaded_at[adapter_id] = await self._directory.replaced.remote(adapter_id)
         except Exception as e:  # noqa: BLE001 - as the routes answer it
             from runtime.server.http.errors import from_exception
@@ -211,23 +226,41 @@ class QuiverReplica:
         return None
 
     # ---- replaced adapters ------------------------------------------------------------------
-    def _watch(self, refresh_s: float) -> None:
-        """Poll the directory's generations; reload what this replica holds at an older one."""
+    def _watch(self, refresh_s: float, check_s: float) -> None:
+        """Poll the directory's generations every refresh_s, the store's versions of the held
+        adapters every check_s (0: never); reload what is held at an older one."""
         import ray
 
+        checked = time.monotonic()
         while not self._closing.wait(refresh_s):
             try:
                 self._generations = ray.get(self._directory.generations.remote(), timeout=10)
             except Exception as e:  # noqa: BLE001 - the directory is restarting: next time
                 log.debug("adapter generations unavailable: %s", e)
-                continue
             for adapter_id, generation in self._generations.items():
                 if self._loaded_at.get(adapter_id, 0) < generation and self.server.core.registry.contains(adapter_id):
                     self._reload(adapter_id, generation)
+            if check_s and time.monotonic() - checked >= check_s:
+                checked = time.monotonic()
+                self._check_versions()
 
-    def _reload(self, adapter_id: str, generation: int) -> None:
+    def _check_versions(self) -> None:
+        """Reload each held adapter whose copy in the store is not the one it was loaded from."""
+        for adapter_id, loaded in list(self._versions.items()):
+            if not self.server.core.registry.contains(adapter_id):
+                self._versions.pop(adapter_id, None)
+                continue
+            try:
+                now = self._store_version(adapter_id)
+            except Exception as e:  # noqa: BLE001 - the store is unreachable: next time
+                log.debug("adapter %s: the store's version is unknown: %s", adapter_id, e)
+                continue
+            if now and now != loaded:  # {}: gone from the store; the held copy keeps serving
+                self._reload(adapter_id, self._loaded_at.get(adapter_id, 0), now)
+
+    def _reload(self, adapter_id: str, generation: int, version: dict | None = None) -> None:
         """The store's copy in place of the held one, once its running requests have finished
-        (new ones wait: self._stale)."""
+        (new ones wait: self._stale). `version`: the store's, when the check found it."""
         core = self.server.core
         self._stale.add(adapter_id)
         try:
@@ -240,12 +273,29 @@ class QuiverReplica:
                     except AdapterBusy:  # a request slipped in before the gate: wait again
                         pass
                 time.sleep(0.02)
+            version = self._copy_version(adapter_id)
             log.info("adapter %s reloaded from %s (generation %d)", adapter_id, core.store.describe(), generation)
         except Exception as e:  # noqa: BLE001 - keeps the old copy; the next replacement retries
             log.warning("adapter %s could not be reloaded from the store: %s", adapter_id, e)
         finally:
             self._loaded_at[adapter_id] = generation
+            if version is not None:  # a failed reload is not retried for the same version
+                self._versions[adapter_id] = version
             self._stale.discard(adapter_id)
+
+    def _store_version(self, adapter_id: str) -> dict | None:
+        """The version of the adapter in the store now: S3 ETags, or a directory's files."""
+        store = self.server.core.store
+        if isinstance(store, S3AdapterStore):
+            return store.version(adapter_id)
+        return _files_version(store.path_for_id(adapter_id))
+
+    def _copy_version(self, adapter_id: str) -> dict | None:
+        """The version of the local copy this replica loads the adapter from."""
+        store = self.server.core.store
+        if isinstance(store, S3AdapterStore):
+            return store.cached_version(adapter_id)
+        return _files_version(store.path_for_id(adapter_id))
 
     def _unload_when_idle(self, adapter_id: str) -> None:
         """Unload `adapter_id` once its running requests finish (--grace-period at most; past
@@ -266,8 +316,6 @@ class QuiverReplica:
         then every other adapter in a shared S3 store, so the app lists what any replica can
         serve, not what one replica happened to fetch. (A local --adapter-dir is listed whole
         by the route already.)"""
-        from runtime.adapters.s3_store import S3AdapterStore
-
         parts = [p async for p in exchange(self.app, call)]
         store = self.server.core.store
         if parts[0].status != 200 or not isinstance(store, S3AdapterStore):
@@ -325,6 +373,18 @@ class QuiverReplica:
         if server is not None:
             server.shutdown()  # drain with --grace-period, as on SIGTERM
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _files_version(path: Path) -> dict[str, str]:
+    """A directory adapter's version: its files' mtime and size ({} when it has none)."""
+    out = {}
+    for name in (CONFIG_NAME, SAFETENSORS_NAME):
+        try:
+            st = (path / name).stat()
+        except OSError:
+            continue
+        out[name] = f"{st.st_mtime_ns}:{st.st_size}"
+    return out
 
 
 def _lora_name(body: bytes) -> str:

@@ -67,6 +67,22 @@ def test_fetch_copies_the_adapter_and_reuses_the_copy_while_etags_match(store, c
     assert not [p for p in store.adapter_dir.iterdir() if p.name.startswith((".fetch-", ".old-"))]
 
 
+def test_version_is_the_buckets_etags_and_the_copy_records_what_it_was_fetched_at(store, client, lora_dirs, request):
+    adapter_id = _unique(request)
+    assert store.version(adapter_id) == {} and store.cached_version(adapter_id) is None
+    upload_adapter(client, BUCKET, PREFIX, adapter_id, lora_dirs[0])
+    first = store.version(adapter_id)
+    assert set(first) == {CONFIG_NAME, SAFETENSORS_NAME}
+    store.fetch(adapter_id)
+    assert store.cached_version(adapter_id) == first
+    upload_adapter(client, BUCKET, PREFIX, adapter_id, lora_dirs[1])  # replaced in the bucket
+    assert store.version(adapter_id) != first and store.cached_version(adapter_id) == first
+    store.fetch(adapter_id)
+    assert store.cached_version(adapter_id) == store.version(adapter_id)
+    with pytest.raises(AdapterPathError):
+        store.version("../escape")
+
+
 def test_a_damaged_copy_is_fetched_again(store, client, lora_dirs, request):
     adapter_id = _unique(request)
     upload_adapter(client, BUCKET, PREFIX, adapter_id, lora_dirs[0])

@@ -102,8 +102,9 @@ def quiver_app(cluster, chat_model_dir, s3_endpoint, adapter_sources, tmp_path_f
     uploads = adapter_sources["fresh"].parent
     cfg = app_config(chat_model_dir, s3_endpoint, tmp_path_factory.mktemp("ray-cache"),
                      allow_adapter_roots=[str(uploads)])
-    serve.run(build_app(cfg, RayOptions(num_replicas=2, replica_cpus=1, max_ongoing_requests=64)),
-              name="quiver", route_prefix="/")
+    # adapter_check_s=0: a replaced adapter reaches these replicas only through the load route
+    opts = RayOptions(num_replicas=2, replica_cpus=1, max_ongoing_requests=64, adapter_check_s=0)
+    serve.run(build_app(cfg, opts), name="quiver", route_prefix="/")
     wait_for_replicas(cluster, 2)
     return cluster
 

@@ -1,7 +1,8 @@
 """The Ray Serve application end to end on a real local Ray cluster (tests/ray/conftest.py): 2
 Quiver replicas behind the ingress, 6 adapters in a real S3 server, the official openai client.
 
-Order matters: the last test kills a replica."""
+Order matters: the kill test follows those on the fixture's app; the last two run the app that
+app_builder makes (`serve run`) in its place."""
 from __future__ import annotations
 
 import threading
@@ -221,26 +222,59 @@ def test_a_killed_replica_loses_only_its_requests_and_ray_restarts_it(quiver_app
     assert victim["replica_id"] not in {r["replica_id"] for r in restarted}
 
 
-def test_app_builder_from_serve_run_args_and_a_rolling_update_finishes_the_old_replicas_stream(
-        quiver_app, chat_model_dir, s3_endpoint, tmp_path):
+BUILDER_ARGS = {"quantize": "none", "dtype": "float32", "device": "cpu", "threads": "1", "kv_cache_tokens": "8192",
+                "max_lora_rank": "8", "max_device_adapters": "4", "served_model_name": BASE_ID,
+                "adapter_store": f"s3://{BUCKET}/{PREFIX}", "grace_period_s": "5", "num_replicas": "1",
+                "replica_cpus": "0", "max_ongoing_requests": "16", "app_name": "builder",
+                "route_by_adapter": "true", "adapter_check_s": "1.0"}
+
+
+@pytest.fixture(scope="module")
+def builder(quiver_app, chat_model_dir, s3_endpoint, tmp_path_factory):
     """What `serve run runtime.distributed.app:app_builder key=value ...` builds (every value a
-    string, as Serve passes them), run in place of the fixture's app; then a new version of the
-    replica deployment (a changed setting) while a stream runs on the old replica: Serve's
-    graceful shutdown lets it finish every token, and the new replica answers after."""
+    string, as Serve passes them: BUILDER_ARGS), run in place of the fixture's app (after the
+    kill test): (its arguments, its one replica)."""
     from ray import serve
 
     from runtime.distributed.app import app_builder
 
     serve.delete("quiver")  # the fixture's app is done with: its 2 replicas hold the 2 CPUs
-    args = {"model": str(chat_model_dir), "quantize": "none", "dtype": "float32", "device": "cpu",
-            "threads": "1", "kv_cache_tokens": "8192", "max_lora_rank": "8", "max_device_adapters": "4",
-            "served_model_name": BASE_ID, "adapter_store": f"s3://{BUCKET}/{PREFIX}",
-            "s3_endpoint_url": s3_endpoint, "adapter_cache_dir": str(tmp_path / "cache"),
-            "grace_period_s": "5", "num_replicas": "1", "replica_cpus": "0", "max_ongoing_requests": "16",
-            "app_name": "builder", "route_by_adapter": "true"}
+    args = {**BUILDER_ARGS, "model": str(chat_model_dir), "s3_endpoint_url": s3_endpoint,
+            "adapter_cache_dir": str(tmp_path_factory.mktemp("builder-cache"))}
     serve.run(app_builder(args), name="builder", route_prefix="/")
-    (old,) = wait_for_replicas(quiver_app, 1, timeout_s=60)
-    assert old["max_device_adapters"] == 4
+    (replica,) = wait_for_replicas(quiver_app, 1, timeout_s=60)
+    assert replica["max_device_adapters"] == 4
+    yield args, replica
+    serve.delete("builder")
+
+
+def test_an_adapter_replaced_in_the_bucket_is_reloaded_by_the_replica_holding_it(builder, quiver_app, adapter_sources,
+                                                                                 s3_endpoint):
+    """An upload straight to the bucket (not through the app): the holder's version check
+    (adapter_check_s, 1 s here) sees new ETags and reloads; it answers as the new weights do."""
+    from tests.s3_factory import s3_client, upload_adapter
+
+    app, client = openai_at(quiver_app), s3_client(s3_endpoint)
+    upload_adapter(client, BUCKET, PREFIX, "swap/lora", adapter_sources[ADAPTERS[0]])
+    before, expected = ask(app, "swap/lora")[0], ask(app, ADAPTERS[4])[0]  # ADAPTERS[4]: the new weights
+    assert before != expected
+    upload_adapter(client, BUCKET, PREFIX, "swap/lora", adapter_sources[ADAPTERS[4]])
+    deadline = time.monotonic() + 20
+    while (now := ask(app, "swap/lora"))[0] != expected:
+        assert time.monotonic() < deadline, f"the holder kept the replaced weights: {now} vs {expected!r}"
+        assert now[2] == "1"  # held all along: not evicted and fetched again
+        time.sleep(0.5)
+
+
+def test_a_rolling_update_finishes_the_old_replicas_streams(builder, quiver_app):
+    """A new version of the replica deployment (a changed setting) while streams run on the old
+    replica: Serve's graceful shutdown lets them finish every token, and the new replica answers
+    after."""
+    from ray import serve
+
+    from runtime.distributed.app import app_builder
+
+    args, old = builder
     app = openai_at(quiver_app)
     assert ask(app, ADAPTERS[1])[1] == old["replica_id"]
 
@@ -275,9 +309,7 @@ def test_app_builder_from_serve_run_args_and_a_rolling_update_finishes_the_old_r
         "the rolling update cut a stream of the old replica"
     assert stopping is not None and max(end for _, _, end in ends) > stopping, \
         "the streams ended before Serve began to stop the old replica"
-    print(f"streams went on {max(end for _, _, end in ends) - stopping:.2f} s after STOPPING")
     updater.join(90)
     assert not updater.is_alive()
     (new,) = wait_for_replicas(quiver_app, 1, timeout_s=60, exclude={old["replica_id"]})
     assert ask(app, ADAPTERS[1])[1] == new["replica_id"]
-    serve.delete("builder")
