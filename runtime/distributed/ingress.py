@@ -2,8 +2,12 @@
 
     POST /v1/chat/completions, /v1/completions    multiplexed_model_id = the body's `model`
     POST /v1/load_lora_adapter                    multiplexed_model_id = `lora_name`; the replica
-                                                  loads it and publishes it to the shared store
-    GET  /v1/models, /health, /metrics, others    any replica (the routes answer as on one server)
+                                                  loads it and publishes it to the shared store;
+                                                  an id already loaded is replaced everywhere
+                                                  it is held (replica.py)
+    GET  /v1/models                               any replica: the base, then every adapter of
+                                                  the shared store
+    GET  /health, /metrics, others                any replica (the routes answer as on one server)
     GET  /v1/replicas                             the live replicas and their ports (directory.py)
     /v1/unload_lora_adapter, /v1/files, /v1/fine_tuning/...   501: not in a replicated app
 

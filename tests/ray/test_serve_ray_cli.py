@@ -116,3 +116,12 @@ def test_serve_ray_serves_openai_clients_and_sigterm_drains_and_stops_its_ray(ch
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         stderr.close()
+
+
+def test_num_cpus_is_refused_with_address_before_any_ray_call(chat_model_dir):
+    from runtime.cli import build_parser
+
+    args = build_parser().parse_args(["serve-ray", "--model", str(chat_model_dir), "--address", "auto",
+                                      "--num-cpus", "2"])
+    with pytest.raises(ValueError, match="--num-cpus"):
+        args.run(args)
