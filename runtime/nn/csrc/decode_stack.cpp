@@ -54,6 +54,10 @@ constexpr int64_t kLoraRowsMax = 8;
 
 namespace {
 
+// Elements per thread of the conversion loops: below it one thread does it (a parallel region
+// costs microseconds); a 32-row step's activations (32 x 576 .. 32 x 3072) split over two.
+constexpr int64_t kConvertGrain = 1 << 13;
+
 // gemv_4bit_inference_cpu_{nf4,fp4}_bf16(M, N, K, A, B, absmax, out, blocksize, A_strideM,
 // out_strideM): bitsandbytes' C signature
 using Kernel = void (*)(int64_t, int64_t, int64_t, const void*, const void*, const void*, void*,
@@ -223,12 +227,12 @@ class DecodeStack {
       const Layer& l = layers_[i];
       at::Tensor h = quiver::rms_norm(x, l.ln1, eps_);
       at::Tensor o = attention(h, l, i, cos, sin, pool, write_index, sa, ad);
-      x = x + adapt(o, matmul(o, l.o), l.lora[kO], ad);
+      x = residual(x, o, l.o, l.lora[kO], ad);
       h = quiver::rms_norm(x, l.ln2, eps_);
       std::vector<at::Tensor> gu = matmul(h, l.gate_up).split({inter_, inter_}, -1);
       at::Tensor g = adapt(h, gu[0], l.lora[kGate], ad), u = adapt(h, gu[1], l.lora[kUp], ad);
       at::Tensor a = at::silu(g) * u;
-      x = x + adapt(a, matmul(a, l.down), l.lora[kDown], ad);
+      x = residual(x, a, l.down, l.lora[kDown], ad);
     }
     return x;
   }
@@ -238,6 +242,34 @@ class DecodeStack {
   // (bf16 inside). The two conversions are loops here (round to nearest even, as ATen's), not
   // two ATen copies a matmul.
   at::Tensor matmul(const at::Tensor& x, const Fused4bit& w) const {
+    const at::Tensor& out = kernel_out(x, w);  // [M, n] bf16
+    at::Tensor y = at::empty({x.size(0), w.n}, x.options());  // [M, n] fp32
+    convert(out.data_ptr<at::BFloat16>(), y.data_ptr<float>(), y.numel());
+    return w.bias ? y + w.bias->to(y.scalar_type()) : y;
+  }
+
+  // x + matmul(in, w) + m's delta (the residual stream after o_proj / down_proj). Where no
+  // adapter row touches this projection and it has no bias, the add is fused into the output's
+  // conversion: r = x + float(out), one pass, the same single fp32 rounding as ATen's add.
+  at::Tensor residual(const at::Tensor& x, const at::Tensor& in, const Fused4bit& w, const LoraSlots& m,
+                      const StepAdapters& ad) const {
+    if ((ad.path != 0 && m.defined()) || w.bias || !x.is_contiguous())
+      return x + adapt(in, matmul(in, w), m, ad);
+    const at::Tensor& out = kernel_out(in, w);  // [M, hidden] bf16
+    at::Tensor r = at::empty_like(x);
+    const float* xp = x.data_ptr<float>();
+    const at::BFloat16* op = out.data_ptr<at::BFloat16>();
+    float* rp = r.data_ptr<float>();
+    at::parallel_for(0, r.numel(), kConvertGrain, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) rp[i] = xp[i] + static_cast<float>(op[i]);
+    });
+    return r;
+  }
+
+  // The fused kernel on x [M, k] fp32 (rounded to bf16, as bitsandbytes' op does): its bf16
+  // output [M, n] in this thread's scratch, valid until the next call.
+  const at::Tensor& kernel_out(const at::Tensor& x, const Fused4bit& w) const {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == w.k, "fused matmul input");
     const at::Tensor xc = x.contiguous();
     const int64_t M = xc.size(0);
@@ -247,9 +279,7 @@ class DecodeStack {
     at::Tensor& out = scratch(bf16_out, M * w.n);  // [M, n] bf16
     kernel_(M, w.n, w.k, a.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(),
             out.data_ptr(), blocksize_, w.k, w.n);
-    at::Tensor y = at::empty({M, w.n}, xc.options());  // [M, n] fp32
-    convert(out.data_ptr<at::BFloat16>(), y.data_ptr<float>(), M * w.n);
-    return w.bias ? y + w.bias->to(y.scalar_type()) : y;
+    return out;
   }
 
   // A bf16 buffer of at least n elements, grown as needed and kept for the next call: the
@@ -262,7 +292,7 @@ class DecodeStack {
 
   template <typename From, typename To>
   static void convert(const From* src, To* dst, int64_t n) {
-    at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, kConvertGrain, [&](int64_t begin, int64_t end) {
       int64_t i = begin;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
       i = convert16(src, dst, begin, end);
