@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / f for f in ("decode_stack.cpp", "paged_attention.cpp",
                                                               "elementwise.cpp", "lora_rows.cpp",
                                                               "lm_head.cpp")]
-#: built where it runs, so for this CPU; -fopenmp-simd lets the attention loops vectorize
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+#: built where it runs, so for this CPU. -fopenmp: ATen's `at::parallel_for` is a header template
+#: whose OpenMP region is compiled into the caller, so without it every loop here ran on one
+#: thread; the library it links is torch's own (libgomp.so.1, already loaded by torch).
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 #: a layer's projections in the C++ stack's order (its `Member` enum)
 MEMBERS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
            ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
@@ -66,7 +69,7 @@ def extension():
         _ninja_on_path()
         out = build_directory()
         out.mkdir(parents=True, exist_ok=True)
-        return load("quiver_native", [str(s) for s in SOURCES], extra_cflags=CFLAGS,
+        return load("quiver_native", [str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                     build_directory=str(out), verbose=False)
     except Exception as e:  # no compiler, no ninja, headers missing: the Python path serves
         log.warning("native decode path unavailable (%s: %s); decode steps run the Python modules",
