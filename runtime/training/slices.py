@@ -47,7 +47,12 @@ class ResidentRun:
         self.cfg = cfg
         self.trainer = Trainer(cfg, base, resident=True, examples=examples)
         self._rng: torch.Tensor | None = None
-        self._call = PiecewiseCall(torch.get_num_threads())  # the engine thread's thread count
+        # The piece thread computes on one thread: a second OpenMP team of the engine thread's
+        # size beside the engine's own oversubscribes the cores, and libgomp then stops spinning
+        # in every team (measured, 2 cores: a job's rate 0.51x quiver train's and the streams'
+        # TPOT 3.8x; with one thread 0.70x and 1.7x). Steps with no traffic beside them run
+        # whole on the engine thread and its team instead (`advance(whole=True)`).
+        self._call = PiecewiseCall(1)
         self._points = PausePoints(list(base.model.adapted_linears().values()), self._call.pause_point)
         self._tokens_before = 0  # the trainer's token count when the step in flight began
         self._seconds_before = 0.0  # ... and its step seconds
@@ -75,15 +80,22 @@ class ResidentRun:
         with self._scope():
             self.trainer.setup()
 
-    def advance(self, budget_s: float = math.inf) -> tuple[float, int] | None:
+    def advance(self, budget_s: float = math.inf, whole: bool = False) -> tuple[float, int] | None:
         """One piece of the optimizer step in flight (or of the next), of about `budget_s`:
-        (the step's mean token loss, tokens trained on) once the step is done, else None."""
+        (the step's mean token loss, tokens trained on) once the step is done, else None.
+        whole=True (nothing is being served): with no step in flight, the next step runs whole
+        here, on the calling (engine) thread with its threads; a step in flight goes on in a
+        piece. The same ops in the same order either way."""
         if not self._call.in_flight:
             summary = self.trainer.summary
             self._tokens_before, self._seconds_before, self._step_s = summary.tokens, summary.seconds, 0.0
         t0 = time.perf_counter()
         with self._piece():
-            done, loss = self._call.run(self.trainer.advance, budget_s)
+            if whole and not self._call.in_flight:  # the pause points are no-ops on this thread
+                with torch.enable_grad():  # (the piece thread has it on for good)
+                    done, loss = True, self.trainer.advance()
+            else:
+                done, loss = self._call.run(self.trainer.advance, budget_s)
         self._step_s += time.perf_counter() - t0
         if not done:
             return None
