@@ -17,8 +17,8 @@ import tempfile
 import time
 
 import pytest
-import torch
 
+from tests.fixtures import one_thread  # noqa: F401  (autouse: every test here)
 from tests.http.conftest import BASE_ID
 from tests.peft_factory import make_peft_adapter, make_tiny_model
 from tests.s3_factory import s3_client, s3_server, upload_adapter
@@ -29,14 +29,6 @@ chat_model_dir = training.chat_model_dir  # the tiny random chat model, as a fix
 BUCKET, PREFIX = "ray-adapters", "fleet/"
 ADAPTERS = [f"tenant-{i}/lora" for i in range(6)]
 PORTS = range(19600, 19700)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def free_port() -> int:

@@ -7,8 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.fixtures import one_thread  # noqa: F401  (autouse: every test here)
 from tests.peft_factory import make_tiny_model, make_tiny_tokenizer
 from trainer import TrainConfig
 
@@ -17,15 +17,6 @@ TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ 'w1' if m['role'] == 'user' else 'w2' }} {{ m['content'] }} w3 "
     "{% endfor %}{% if add_generation_prompt %}w2 {% endif %}"
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a busy 2-core machine: one thread is several times faster (no spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

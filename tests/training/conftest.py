@@ -12,8 +12,8 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.fixtures import one_thread  # noqa: F401  (autouse: every test here)
 from tests.http.conftest import ADMIN, BASE_ID, CHAT_TEMPLATE  # noqa: F401 - shared names
 from tests.peft_factory import make_tiny_model, make_tiny_tokenizer
 from tests.server.conftest import server_config
@@ -21,15 +21,6 @@ from tests.server.conftest import server_config
 #: OpenAI's hyperparameters that make the tiny task learn (measured: 8 / 8 rows recalled; lr 1e-2;
 #: at 3e-2 the tiny model's loss stalls) in ~0.4 s of training
 FAST = dict(hyperparameters={"n_epochs": 40, "batch_size": 4, "learning_rate_multiplier": 1e-2 / 3e-3})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
