@@ -31,15 +31,16 @@ ADAPTERS = [f"tenant-{i}/lora" for i in range(6)]
 PORTS = range(19600, 19700)
 
 
-def free_port() -> int:
-    for port in PORTS:
+def free_port(ports: range = PORTS) -> int:
+    """The first port of `ports` free on loopback (each test file its own range)."""
+    for port in ports:
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port in 19600-19699")
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.peft_factory import make_peft_adapter, make_tiny_model
+from tests.ray.conftest import free_port as ray_free_port
 from tests.ray.conftest import openai_at
 
 pytestmark = pytest.mark.slow
@@ -26,16 +27,7 @@ ADAPTER = "tenant-a/lora"
 
 
 def free_port() -> int:
-    import socket
-
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 19800-19899")
+    return ray_free_port(PORTS)
 
 
 def lines_of(stream, into: queue.Queue) -> None:
