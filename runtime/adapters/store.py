@@ -22,6 +22,8 @@ import os
 import re
 from pathlib import Path
 
+from runtime.adapters.peft_format import CONFIG_NAME, SAFETENSORS_NAME
+
 ADAPTER_ID_RE = re.compile(r"[A-Za-z0-9._/-]+")
 MAX_ADAPTER_ID_LEN = 256
 
@@ -84,6 +86,25 @@ class AdapterStore:
     def describe(self) -> str:
         """Where adapters come from, for messages and listings."""
         return str(self.adapter_dir) if self.adapter_dir is not None else "(no adapter directory)"
+
+    def version(self, adapter_id: str) -> dict[str, str]:
+        """What identifies the store's copy of `adapter_id` now ({} when it has none): a
+        server holding it compares this with `cached_version` to notice a replaced adapter.
+        Here: the config's and weights' mtime and size."""
+        out = {}
+        path = self.path_for_id(adapter_id)
+        for name in (CONFIG_NAME, SAFETENSORS_NAME):
+            try:
+                st = (path / name).stat()
+            except OSError:
+                continue
+            out[name] = f"{st.st_mtime_ns}:{st.st_size}"
+        return out
+
+    def cached_version(self, adapter_id: str) -> dict[str, str] | None:
+        """The version of the local copy `adapter_id` loads from: for a local directory, the
+        store's own copy."""
+        return self.version(adapter_id)
 
     def check_source(self, source: str) -> Path:
         """A LoadAdapter source: an absolute path, or relative to the adapter dir; must lie under

@@ -47,7 +47,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from runtime.adapters.peft_format import CONFIG_NAME, SAFETENSORS_NAME
 from runtime.adapters.registry import AdapterBusy, AdapterNotFound
 from runtime.adapters.s3_store import S3AdapterStore
 from runtime.config import ServerConfig
@@ -284,18 +283,12 @@ class QuiverReplica:
             self._stale.discard(adapter_id)
 
     def _store_version(self, adapter_id: str) -> dict | None:
-        """The version of the adapter in the store now: S3 ETags, or a directory's files."""
-        store = self.server.core.store
-        if isinstance(store, S3AdapterStore):
-            return store.version(adapter_id)
-        return _files_version(store.path_for_id(adapter_id))
+        """The version of the adapter in the store now (S3 ETags, or a directory's files)."""
+        return self.server.core.store.version(adapter_id)
 
     def _copy_version(self, adapter_id: str) -> dict | None:
         """The version of the local copy this replica loads the adapter from."""
-        store = self.server.core.store
-        if isinstance(store, S3AdapterStore):
-            return store.cached_version(adapter_id)
-        return _files_version(store.path_for_id(adapter_id))
+        return self.server.core.store.cached_version(adapter_id)
 
     def _unload_when_idle(self, adapter_id: str) -> None:
         """Unload `adapter_id` once its running requests finish (--grace-period at most; past
@@ -373,18 +366,6 @@ class QuiverReplica:
         if server is not None:
             server.shutdown()  # drain with --grace-period, as on SIGTERM
             self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _files_version(path: Path) -> dict[str, str]:
-    """A directory adapter's version: its files' mtime and size ({} when it has none)."""
-    out = {}
-    for name in (CONFIG_NAME, SAFETENSORS_NAME):
-        try:
-            st = (path / name).stat()
-        except OSError:
-            continue
-        out[name] = f"{st.st_mtime_ns}:{st.st_size}"
-    return out
 
 
 def _lora_name(body: bytes) -> str:
