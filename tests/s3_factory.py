@@ -38,6 +38,14 @@ def s3_server():
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def s3_bucket(bucket: str):
+    """`s3_server()` with `bucket` created in it: yields the endpoint."""
+    with s3_server() as url:
+        s3_client(url).create_bucket(Bucket=bucket)
+        yield url
+
+
 def s3_client(endpoint: str):
     from runtime.adapters.s3_store import make_client
 

@@ -9,7 +9,7 @@ from runtime.adapters.peft_format import CONFIG_NAME, SAFETENSORS_NAME
 from runtime.adapters.s3_store import S3AdapterStore
 from tests.http.conftest import BASE_ID
 from tests.peft_factory import make_peft_adapter, make_tiny_model
-from tests.s3_factory import s3_client, s3_server, upload_adapter
+from tests.s3_factory import s3_bucket, s3_client, upload_adapter
 from tests.server.conftest import server_config
 from tests.training import conftest as training
 from tests.training.conftest import FAST, jsonl, learn_rows, openai_for, wait_for
@@ -21,8 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def endpoint():
-    with s3_server() as url:
-        s3_client(url).create_bucket(Bucket=BUCKET)
+    with s3_bucket(BUCKET) as url:
         yield url
 
 

@@ -12,10 +12,10 @@ from runtime.adapters import s3_store
 from runtime.adapters.peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, read_adapter
 from runtime.adapters.registry import AdapterNotFound
 from runtime.adapters.s3_store import MANIFEST_NAME, AdapterNotInStore, S3AdapterStore, S3Location
-from runtime.adapters.store import AdapterPathError, AdapterStoreUnavailable, open_store
+from runtime.adapters.store import AdapterPathError, AdapterStore, AdapterStoreUnavailable, open_store
 from runtime.adapters.types import AdapterFormatError
 from tests.peft_factory import make_peft_adapter, model_config
-from tests.s3_factory import s3_client, s3_server, upload_adapter
+from tests.s3_factory import s3_bucket, s3_client, upload_adapter
 
 BUCKET = "quiver-adapters"
 PREFIX = "team/"
@@ -23,8 +23,7 @@ PREFIX = "team/"
 
 @pytest.fixture(scope="module")
 def endpoint():
-    with s3_server() as url:
-        s3_client(url).create_bucket(Bucket=BUCKET)
+    with s3_bucket(BUCKET) as url:
         yield url
 
 
@@ -211,3 +210,18 @@ def test_open_store_picks_the_store_from_the_flags(endpoint, tmp_path):
     assert isinstance(open_store(None, (), f"s3://{BUCKET}/{PREFIX}", str(tmp_path / "c"), endpoint), S3AdapterStore)
     local = open_store(str(tmp_path), ())
     assert not isinstance(local, S3AdapterStore) and local.fetch("x") == (tmp_path / "x").resolve()
+
+
+def test_a_local_directory_store_versions_its_files(tmp_path):
+    """The version a Ray replica compares to notice a replaced adapter, for a local store: the
+    files' mtime and size; {} for an id with none; the copy it loads from is the store's own."""
+    store = AdapterStore(tmp_path)
+    assert store.version("team/a") == {}
+    (tmp_path / "team" / "a").mkdir(parents=True)
+    (tmp_path / "team" / "a" / CONFIG_NAME).write_text("{}")
+    before = store.version("team/a")
+    assert set(before) == {CONFIG_NAME} and store.cached_version("team/a") == before
+    (tmp_path / "team" / "a" / CONFIG_NAME).write_text('{"r": 8}')
+    assert store.version("team/a") != before
+    with pytest.raises(AdapterPathError):
+        store.version("../escape")

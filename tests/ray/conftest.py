@@ -21,7 +21,7 @@ import pytest
 from tests.fixtures import one_thread  # noqa: F401  (autouse: every test here)
 from tests.http.conftest import BASE_ID
 from tests.peft_factory import make_peft_adapter, make_tiny_model
-from tests.s3_factory import s3_client, s3_server, upload_adapter
+from tests.s3_factory import s3_bucket, s3_client, upload_adapter
 from tests.server.conftest import server_config
 from tests.training import conftest as training
 
@@ -45,8 +45,7 @@ def free_port(ports: range = PORTS) -> int:
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    with s3_server() as url:
-        s3_client(url).create_bucket(Bucket=BUCKET)
+    with s3_bucket(BUCKET) as url:
         yield url
 
 
