@@ -24,8 +24,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstring>
 #include <array>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -283,8 +283,8 @@ class DecodeStack {
   }
 
   // A bf16 buffer of at least n elements, grown as needed and kept for the next call: the
-  // fused matmul's input and output live only inside `matmul` (thread-local buffers: engines
-  // stepping one model from several threads each get their own).
+  // fused kernel's input and output live only until the next `kernel_out` (thread-local
+  // buffers: engines stepping one model from several threads each get their own).
   static at::Tensor& scratch(at::Tensor& buf, int64_t n) {
     if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, at::TensorOptions().dtype(at::kBFloat16));
     return buf;
