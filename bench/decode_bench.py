@@ -171,25 +171,32 @@ def lora_megabytes(cfg, rank: int, targets, adapters: int, blocksize: int = 64) 
     return lora / 2**20, base / 2**20
 
 
-def multi_rows(args, base, hf) -> list[list[object]]:
+#: the multi-adapter table's columns (rows from `multi_rows`)
+MULTI_COLUMNS = ["system", "rows", "multi-adapter ms", "base ms", "base/multi (x of base)", "LoRA MB", "base MB"]
+
+
+def multi_rows(n: int, reps: int, base, hf, rank: int = 16, targets=None) -> list[list[object]]:
+    """n decode rows over n distinct random LoRAs (r=`rank` on `targets`, default all seven)
+    vs the same rows on the base, Quiver and (with `hf`) PEFT: MULTI_COLUMNS."""
     import tempfile
 
+    from bench.adapters import PROJECTIONS
     from runtime.adapters.peft_format import read_adapter
     from runtime.adapters.registry import AdapterRegistry
 
-    n, rank = args.adapters, args.lora_rank
+    targets = targets or PROJECTIONS
     reg = AdapterRegistry(base.model, num_slots=n, max_rank=rank)
     with tempfile.TemporaryDirectory() as root:
-        paths = [random_lora_dir(root, i, base.config, rank, args.lora_targets) for i in range(n)]
+        paths = [random_lora_dir(root, i, base.config, rank, targets) for i in range(n)]
         for i, p in enumerate(paths):
             reg.add(f"a{i}", read_adapter(p, base.config, max_rank=rank))
         slots = [reg.acquire(f"a{i}")[0] for i in range(n)]
-        multi = median_time(quiver_step_fn(base.model, n, slots, reg), args.reps)
-        plain = median_time(quiver_step_fn(base.model, n), args.reps)
-        lora_mb, base_mb = lora_megabytes(base.config, rank, args.lora_targets, n)
+        multi = median_time(quiver_step_fn(base.model, n, slots, reg), reps)
+        plain = median_time(quiver_step_fn(base.model, n), reps)
+        lora_mb, base_mb = lora_megabytes(base.config, rank, targets, n)
         rows = [["quiver", n, multi * 1e3, plain * 1e3, plain / multi, lora_mb, base_mb]]
         if hf is not None:
-            rows.append(peft_row(hf, paths, args.reps) + [lora_mb, ""])
+            rows.append(peft_row(hf, paths, reps) + [lora_mb, ""])
     return rows
 
 
@@ -205,11 +212,12 @@ def peft_row(hf, paths: list[str], reps: int) -> list[object]:
         pm.load_adapter(p, adapter_name=f"a{i}")
     n = len(paths)
     names = [f"a{i}" for i in range(n)]
-    ids = torch.randint(100, 1000, (n, CONTEXT))
+    vocab = hf.config.vocab_size  # (a tiny test model's is small)
+    ids = torch.randint(0, vocab, (n, CONTEXT))
     with torch.no_grad():
         out = pm(input_ids=ids, use_cache=True, adapter_names=names)
     past = out.past_key_values
-    step_ids = torch.randint(100, 1000, (n, 1))
+    step_ids = torch.randint(0, vocab, (n, 1))
 
     def step(adapter_names):
         def run():
@@ -249,8 +257,8 @@ def main(argv=None) -> int:
     if args.adapters:
         print(f"\nDecode step, {args.adapters} rows over {args.adapters} distinct LoRA adapters "
               f"(r={args.lora_rank}, {' '.join(args.lora_targets)}) vs the same rows on the base (ms):\n")
-        print(table(["system", "rows", "multi-adapter", "base", "base/multi (x of base)", "LoRA MB",
-                     "base MB"], multi_rows(args, base, hf)))
+        print(table(MULTI_COLUMNS, multi_rows(args.adapters, args.reps, base, hf, args.lora_rank,
+                                              args.lora_targets)))
     return 0
 
 

@@ -333,11 +333,10 @@ def sec_floor(rep: Report, lab: Lab) -> None:
 
 
 def sec_multistep(rep: Report, lab: Lab) -> None:
-    from bench.decode_bench import multi_rows
+    from bench.decode_bench import MULTI_COLUMNS, multi_rows
 
     n = lab.sizes.step_adapters
-    rows = multi_rows(Namespace(adapters=n, reps=lab.sizes.step_reps), lab.base,
-                      lab.hf() if lab.sizes.peers else None)
+    rows = multi_rows(n, lab.sizes.step_reps, lab.base, lab.hf() if lab.sizes.peers else None)
     img = rep.plot("multistep", lambda ax: (
         ax.bar([i - 0.2 for i in range(len(rows))], [r[3] for r in rows], 0.4, label="base rows"),
         ax.bar([i + 0.2 for i in range(len(rows))], [r[2] for r in rows], 0.4, label=f"{n} adapters"),
@@ -346,7 +345,7 @@ def sec_multistep(rep: Report, lab: Lab) -> None:
     rep.section(f"Multistep: decode step, {n} rows over {n} distinct LoRA adapters",
                 f"LoRA r=16 on all seven projections; `base/multi` is the share of the base step's "
                 f"speed kept with adapters (in-process, no server); {reps_note(lab.sizes.step_reps)}.\n\n"
-                + table(["system", "rows", "multi-adapter ms", "base ms", "base/multi"], rows) + "\n\n"
+                + table(MULTI_COLUMNS, rows) + "\n\n"
                 + goal_line("quiver base step / multi-adapter step", rows[0][4], ">=", 0.9, "x") + "\n\n" + img)
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m pytest tests/bench -q
 
-Runs `python -m bench.run --smoke --model <tiny> --only floor multi memory` (the floor with its
+Runs `python -m bench.run --smoke --model <tiny> --only floor multistep multi memory` (the floor with its
 plot, one section served through a real `quiver serve` over gRPC with the PEFT peers, memory) into
 a temporary directory, then checks the report's shape: the sections are there, their tables hold
 finite numbers, each has a goal verdict line, and every linked figure is a readable PNG. Timings
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = {  # title prefix -> (table column that must be a positive number, plot name)
     "Floor": ("quiver step ms", "floor"),
-    "Multi": ("tokens/s", "multi"),
+    "Multistep:": ("multi-adapter ms", "multistep"),
+    "Multi:": ("tokens/s", "multi"),
     "Memory": ("bytes", "memory"),
 }
 
@@ -53,7 +54,7 @@ def report(tmp_path_factory) -> tuple[Path, str]:
     make_tiny_tokenizer(model_dir)
     out = tmp_path_factory.mktemp("results")
     cmd = [sys.executable, "-m", "bench.run", "--smoke", "--model", str(model_dir),
-           "--only", "floor", "multi", "memory", "--out", str(out)]
+           "--only", "floor", "multistep", "multi", "memory", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = out.glob("*.md")
@@ -89,7 +90,7 @@ def test_section_has_numbers_and_a_verdict(report, prefix):
 
 def test_multi_has_peft_peers_and_ratios(report):
     _, md = report
-    text = next(t for title, t in split_sections(md).items() if title.startswith("Multi"))
+    text = next(t for title, t in split_sections(md).items() if title.startswith("Multi:"))
     (header, rows), (peft_header, peft) = tables(text)[:2]
     loads = [row[0] for row in rows]
     assert loads[0] == "base" and "1 adapters" in loads and "2 adapters" in loads
