@@ -184,7 +184,7 @@ def test_gather_path_equals_reference(seed):
     cpu = copy.deepcopy(m).to("cpu")
     ref_cpu = lora_delta_reference(cpu, x.cpu(), ab.token_slots.cpu())
     assert torch.allclose(got.cpu(), ref_cpu, rtol=1e-5, atol=1e-4)
-    for path in ("runs", "slab"):  # every path on CUDA agrees
+    for path in ("runs", "gather"):  # every path on CUDA agrees
         forced = AdapterBatch.build(row_slots, [1] * len(row_slots), SLOTS, lora_slots=lora,
                                     device=DEV, force_path=path)
         assert torch.allclose(lora_delta(m, x, forced), ref, rtol=1e-5, atol=1e-4), path

@@ -254,8 +254,8 @@ class AdapterRegistry:
         raise NoFreeSlot(f"all {self.num_slots} device adapter slots are in use by running requests")
 
     def _pop_lowest_free(self) -> int:
-        """The lowest free slot: resident adapters stay packed at the bottom of the slot range,
-        which the LoRA slab path reads as one block (runtime/nn/adapter_batch.py)."""
+        """The lowest free slot: resident adapters stay packed at the bottom of the slot range
+        (a step's slot weights sit close together in memory)."""
         slot = min(self._free_slots)
         self._free_slots.remove(slot)
         return slot

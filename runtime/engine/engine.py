@@ -395,7 +395,7 @@ class Engine:
         lora, dora, emb = self.registry.slot_sets()
         ab = AdapterBatch.build([s.slot for s in seqs], q_lens, self.registry.none_slot,
                                 lora_slots=lora, dora_slots=dora, embedding_slots=emb,
-                                device=self.device)
+                                device=self.device, dtype=self.model.dtype)
         logits = self.model(torch.tensor(tokens, device=self.device),
                             torch.tensor(positions, device=self.device), attn, ab,
                             logits_rows=torch.tensor(logit_rows, dtype=torch.long, device=self.device))

@@ -12,13 +12,15 @@ add nothing and the forward never branches per adapter. B is stored transposed (
 per slot) so that the second matmul reads it row-major: addmm with a transposed operand costs
 about twice as much on CPU for these skinny shapes.
 
-Three fast paths, chosen once per step by `AdapterBatch` (runtime/nn/adapter_batch.py):
-- runs: one matmul pair per run of consecutive same-slot tokens, on views (nothing copied),
-  the second fused with the add (addmm); a run over the whole batch (training, one adapter)
-  skips the scatter too;
-- slab: decode over many adapters on CPU: two bmm over views of the slot range the step uses;
-- gather: per-token weight gather + bmm (CUDA, many single-token runs).
-`lora_delta_reference` is the plain per-token loop all three are tested against.
+Two fast paths, chosen once per step by `AdapterBatch` (runtime/nn/adapter_batch.py):
+- runs: on CPU without autograd, every run of up to LORA_ROWS_MAX consecutive same-slot tokens
+  (decode rows) in one parallel C++ pass (csrc/lora_rows.cpp `lora_runs_`, each slot's weights
+  streamed once); each longer run (a prompt chunk; every run under autograd or on CUDA) one
+  matmul pair on views (nothing copied), the second fused with the add (addmm); a run over the
+  whole batch (training, one adapter) skips the scatter too;
+- gather: per-token weight gather + bmm (CUDA, many single-token runs; CPU ones without the
+  C++ pass).
+`lora_delta_reference` is the plain per-token loop both are tested against.
 
 Training (trainer/) uses these same modules with one slot. It makes slot 0 trainable without any
 code here: `torch.nn.utils.parametrize` replaces `A` / `Bt` / `dora` by tensors whose slot 0 is
@@ -29,10 +31,9 @@ forward below is exactly the served one. The one training hook is `dropout`: PEF
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from runtime.nn.adapter_batch import AdapterBatch
+from runtime.nn.adapter_batch import LORA_ROWS_MAX, AdapterBatch
 from runtime.nn.native import lora_rows_kernel
 
 
@@ -127,11 +128,6 @@ class LoraSlots(nn.Module):
         # x: [T, in], y = base(x): [T, out]
         x = self.dropout(x)
         if not ab.any_dora:
-            if ab.path == "slab":
-                d = _delta_slab(self, x, ab)
-                if d is None:
-                    return y
-                return y + d if ab.slab.identity else y.index_add(0, ab.adapter_rows, d)
             return y + _delta_gather(self, x, ab) if ab.use_gather else _add_runs(self, x, y, ab)
         delta = lora_delta(self, x, ab)  # [T, out], scaled, with lora bias
         f = self.dora[ab.token_slots]  # [T, out]
@@ -143,25 +139,17 @@ def lora_delta(m: LoraSlots, x: torch.Tensor, ab: AdapterBatch) -> torch.Tensor:
     """scale[s_t] * (B[s_t] @ A[s_t] @ x[t] + bias[s_t]) for every token t: [T, out]."""
     if ab.use_gather:
         return _delta_gather(m, x, ab)  # already [T, out], zero on base rows
-    zeros = x.new_zeros(x.shape[0], m.out_features)
-    if ab.path == "slab":
-        d = _delta_slab(m, x, ab)
-        return zeros if d is None else zeros.index_add(0, ab.adapter_rows, d)
-    return _add_runs(m, x, zeros, ab)
+    return _add_runs(m, x, x.new_zeros(x.shape[0], m.out_features), ab)
 
 
 def _targeted_runs(m: LoraSlots, ab: AdapterBatch) -> list[tuple[int, int, int]]:
     return [(slot, a, b) for slot, a, b in ab.runs if m.ranks[slot]]  # slots this module targets
 
 
-#: runs of up to this many rows take csrc/lora_rows.cpp on CPU without autograd: two matmuls'
-#: dispatch cost more than their math there (the C++ decode layers use the same rule)
-LORA_ROWS_MAX = 8
-
-
 def _rows_kernel(m: LoraSlots, x: torch.Tensor):
-    """(lora_rows, lora_rows_) where a few-row run may take the C++ loop, else None."""
-    if x.shape[0] > LORA_ROWS_MAX or x.device.type != "cpu" or x.dtype != torch.float32:
+    """csrc/lora_rows.cpp's (lora_rows, lora_rows_, lora_runs_) where few-row runs may take
+    it (CPU fp32 without autograd: two matmuls' dispatch cost more than their math), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or m.A.requires_grad or m.Bt.requires_grad):
         return None  # training: the matmuls carry the gradients
@@ -171,7 +159,7 @@ def _rows_kernel(m: LoraSlots, x: torch.Tensor):
 def _run_add(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, slot: int) -> torch.Tensor:
     """y + one slot's delta for the tokens of one run: x [n, in], y [n, out] -> [n, out]."""
     At, Bt = m.weights(slot)  # [in, r], [r, out]
-    kernel = _rows_kernel(m, x)
+    kernel = _rows_kernel(m, x) if x.shape[0] <= LORA_ROWS_MAX else None
     if kernel is not None:
         return kernel[0](y, x, At.T, Bt, m.scales[slot], m.bias[slot] if m.has_bias[slot] else None)
     out = torch.addmm(y, x @ At, Bt, alpha=m.scales[slot])  # y + s * (x A^T) B^T
@@ -179,42 +167,23 @@ def _run_add(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, slot: int) -> torch
 
 
 def _add_runs(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, ab: AdapterBatch) -> torch.Tensor:
-    """y + lora_delta(m, x, ab): each run's delta is added into its own rows (one fused addmm)."""
+    """y + lora_delta(m, x, ab): each run's delta is added into its own rows (the short runs
+    all in one C++ pass where it applies, else one fused addmm a run)."""
     runs = _targeted_runs(m, ab)
     if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == x.shape[0]:
         return _run_add(m, x, y, runs[0][0])  # one adapter over every token: training, identical
     y = y.clone()  # the caller's y stays as it was
+    kernel = _rows_kernel(m, x)
+    if kernel is not None and ab.short_runs.numel():
+        kernel[2](y, x, m.A, m.Bt, m.bias, m.slot_meta, ab.short_runs)  # skips untargeted slots
+        runs = [r for r in runs if r[2] - r[1] > LORA_ROWS_MAX]
     for slot, a, b in runs:
         At, Bt = m.weights(slot)
         rows = y[a:b]  # a view: the addmm_ writes the run's rows in place
-        kernel = _rows_kernel(m, x[a:b])
-        if kernel is not None:
-            kernel[1](rows, x[a:b], At.T, Bt, m.scales[slot], m.bias[slot] if m.has_bias[slot] else None)
-            continue
         rows.addmm_(x[a:b] @ At, Bt, alpha=m.scales[slot])
         if m.has_bias[slot]:
             rows += m.bias[slot]
     return y
-
-
-def _delta_slab(m: LoraSlots, x: torch.Tensor, ab: AdapterBatch) -> torch.Tensor | None:
-    """The delta of every adapter token ([n, out], `adapter_rows` order) as two bmm over the
-    slab's slot range; None when no slot of the range targets this module."""
-    sl = ab.slab
-    r = max(m.ranks[sl.lo:sl.hi])  # the rank padding beyond every used slot's rank is skipped
-    if r == 0:
-        return None
-    G, N = sl.hi - sl.lo, sl.width
-    if sl.identity:
-        xs = x.view(G, N, -1)  # [G, N, in]: token t is cell t
-    else:
-        xs = F.pad(x, (0, 0, 0, 1))[sl.source].view(G, N, -1)  # [G, N, in]; empty cells: zero row
-    xa = torch.bmm(xs, m.A[sl.lo:sl.hi, :r].transpose(1, 2))  # [G, N, r]
-    xa = xa * m.scale[sl.lo:sl.hi, None, None]
-    d = torch.bmm(xa, m.Bt[sl.lo:sl.hi, :r]).view(G * N, -1)  # [G * N, out]
-    if not sl.identity:
-        d = d[sl.cells]  # [n, out]
-    return d + m.bias[ab.adapter_row_slots] if any(m.has_bias[sl.lo:sl.hi]) else d
 
 
 def _delta_gather(m: LoraSlots, x: torch.Tensor, ab: AdapterBatch) -> torch.Tensor:

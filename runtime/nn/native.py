@@ -44,9 +44,9 @@ LDFLAGS = ["-fopenmp"]
 #: a layer's projections in the C++ stack's order (its `Member` enum)
 MEMBERS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
            ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
-#: LoRA paths the C++ layers run (adapter_batch.py); "gather" (CUDA) stays in Python
-LORA_PATHS = {"runs": 1, "slab": 2}
-_NO_LORA = (0, None, 0, 0, 0, False, None, None, None, None, False, None)
+#: LoRA paths the C++ layers run (adapter_batch.py); "gather" stays in Python
+LORA_PATHS = {"runs": 1}
+_NO_LORA = (0, None, False, None)
 #: set to 0 to run every step through the Python modules (same output; for comparison)
 ENV_SWITCH = "QUIVER_NATIVE_DECODE"
 
@@ -136,8 +136,7 @@ class NativeDecode:
     @staticmethod
     def takes(attn, adapters) -> bool:
         """A step against the KV cache (decode rows, prefill chunks or both) on a CPU fp32 pool
-        (the paged decode kernel), whose LoRA rows (if any, DoRA included) take the runs or slab
-        path. Embedding LoRA is applied before the layers and prompt / prefix tuning live in the
+        (the paged decode kernel), whose LoRA rows (if any, DoRA included) take the runs path. Embedding LoRA is applied before the layers and prompt / prefix tuning live in the
         cache: both are fine. Not the prompt-tuning KV precompute (`capture`)."""
         if attn.capture is not None or attn.paged is None:  # set by attn.prepare (cache-only)
             return False
@@ -171,12 +170,8 @@ def _lora_args(ab) -> tuple:
     """The step's AdapterBatch as the stack's LoRA arguments (see decode_stack.cpp forward)."""
     if ab is None or not ab.has_lora:
         return _NO_LORA
-    dora = (ab.any_dora, ab.token_slots if ab.any_dora else None)
-    if ab.path == "runs":
-        return (1, torch.tensor(ab.runs, dtype=torch.long), 0, 0, 0, False, None, None, None, None, *dora)
-    sl = ab.slab
-    return (2, None, sl.lo, sl.hi, sl.width, sl.identity, sl.source, sl.cells, ab.adapter_rows,
-            ab.adapter_row_slots, *dora)
+    return (LORA_PATHS[ab.path], torch.tensor(ab.runs, dtype=torch.long), ab.any_dora,
+            ab.token_slots if ab.any_dora else None)
 
 
 def paged_attention(cache):
@@ -201,9 +196,10 @@ def rotate_kernel():
 
 
 def lora_rows_kernel():
-    """csrc/lora_rows.cpp's (lora_rows, lora_rows_) for a few rows of one adapter, or None."""
+    """csrc/lora_rows.cpp's (lora_rows, lora_rows_) for a few rows of one adapter and lora_runs_
+    for every short run of a step, or None."""
     ext = extension()
-    return None if ext is None else (ext.lora_rows, ext.lora_rows_)
+    return None if ext is None else (ext.lora_rows, ext.lora_rows_, ext.lora_runs_)
 
 
 def lm_head_refine_kernel():

@@ -83,7 +83,7 @@ def test_mixed_batch_rows_equal_solo(stack):
     names = list(CASES) + ["", ""]
     rows = [(torch.randint(0, 128, (3 + i % 6,), generator=g), name) for i, name in enumerate(names)]
     assert len(rows) >= 12
-    for path in ("runs", "slab", "gather"):
+    for path in ("runs", "gather"):
         batched = stack.batch_logits(rows, force_path=path)
         for (ids, name), got in zip(rows, batched):
             assert (got - stack.logits(ids, name)).abs().max() <= 1e-4, (path, name)

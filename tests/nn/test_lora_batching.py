@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runtime.nn import native
 from runtime.nn.adapter_batch import AdapterBatch, prefer_gather
 from runtime.nn.lora import LoraSlots, lora_delta, lora_delta_reference
 
@@ -41,7 +42,7 @@ def test_delta_fast_paths_equal_reference(case):
     x = torch.randn(sum(lens), IN, generator=torch.Generator().manual_seed(case["seed"] + 1))
     lora = {s for s, r in enumerate(case["ranks"]) if r > 0}
     ref = None
-    for path in ("runs", "slab", "gather"):
+    for path in ("runs", "gather"):
         ab = AdapterBatch.build(row_slots, lens, SLOTS, lora_slots=lora, force_path=path)
         got = lora_delta(m, x, ab)
         if ref is None:
@@ -107,15 +108,21 @@ def test_one_run_over_every_token_equals_reference():
 
 
 def test_path_choice():
-    """CPU: runs for prompt chunks, slab for decode rows over a compact slot range; CUDA gathers."""
+    """CPU fp32 with the C++ runs pass: runs, whatever the mix; CUDA, and CPU without the pass
+    (a bf16 step), gather many single-token runs."""
     prefill = AdapterBatch.build([0, 1], [50, 40], SLOTS, lora_slots={0, 1})
     decode = AdapterBatch.build(list(range(SLOTS)), [1] * SLOTS, SLOTS, lora_slots=set(range(SLOTS)))
-    assert (prefill.path, decode.path) == ("runs", "slab")  # CPU
-    scattered = AdapterBatch.build([0, 5, 0, 5], [1] * 4, SLOTS, lora_slots={0, 5})
-    assert scattered.path == "runs"  # 2 slots used over a span of 6: the slab would read 4 idle ones
+    expected = "runs" if native.lora_rows_kernel() is not None else "gather"
+    assert (prefill.path, decode.path) == ("runs", expected)
+    assert decode.short_runs.tolist() == [[s, s, s + 1] for s in range(SLOTS)]
+    assert prefill.short_runs.shape == (0, 3)  # prompt chunks: the matmuls
+    bf16 = AdapterBatch.build(list(range(SLOTS)), [1] * SLOTS, SLOTS, lora_slots=set(range(SLOTS)),
+                              dtype=torch.bfloat16)
+    assert bf16.path == "gather"
     assert prefer_gather(num_runs=SLOTS, num_tokens=SLOTS, device_type="cuda")
     assert not prefer_gather(num_runs=2, num_tokens=90, device_type="cuda")
     assert not prefer_gather(num_runs=SLOTS, num_tokens=SLOTS, device_type="cpu")
+    assert prefer_gather(num_runs=SLOTS, num_tokens=SLOTS, device_type="cpu", runs_kernel=False)
 
 
 def test_moved_module_uses_its_new_storage():
@@ -128,20 +135,3 @@ def test_moved_module_uses_its_new_storage():
     got = lora_delta(m, x, ab)
     assert got.dtype == torch.float64
     assert torch.allclose(got, lora_delta_reference(m, x, ab.token_slots), atol=1e-9, rtol=1e-9)
-
-
-def test_slab_over_a_full_grid_is_a_view_and_equals_reference():
-    """Decode rows over consecutive slots, one each, in slot order (how the engine sorts a
-    step): the slab reads x and writes y in place of gathers, and still equals the loop; one
-    row fewer breaks the identity and takes the gather route, also equal."""
-    m = filled_slots(3, [4, 8, 2, 8, 5, 1], [False] * SLOTS)
-    lora = set(range(SLOTS))
-    for rows in (list(range(SLOTS)), [0, 1, 2, 4, 5], [1, 2, 3, 4, 5]):
-        ab = AdapterBatch.build(rows, [1] * len(rows), SLOTS, lora_slots=lora)
-        assert ab.path == "slab"
-        assert ab.slab.identity == (rows != [0, 1, 2, 4, 5])  # slot 3 unused: an empty cell
-        x = torch.randn(len(rows), IN)
-        y = torch.randn(len(rows), OUT)
-        expected = y + lora_delta_reference(m, x, ab.token_slots)
-        assert torch.allclose(m(x, y, ab, None), expected, atol=1e-5, rtol=1e-5)
-        assert torch.allclose(lora_delta(m, x, ab), expected - y, atol=1e-5, rtol=1e-5)

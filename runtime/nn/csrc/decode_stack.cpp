@@ -13,7 +13,7 @@
 //     g|u = fused4bit(h, gate_up)                       [T, 2 inter]
 //     x = x + fused4bit(silu(g) * u, down)
 //   each projection's output then gets its LoRA / DoRA delta where the step has adapter rows
-//   (runtime/nn/lora.py: the "runs" and "slab" paths; the CUDA gather path stays in Python)
+//   (runtime/nn/lora.py: the "runs" path; the gather path stays in Python)
 //
 // Each step mirrors runtime/nn/model.py, runtime/nn/attention.py, runtime/nn/rotary.py and
 // runtime/nn/kernels.py::fused_matmul op for op, so both paths give the same bits
@@ -46,6 +46,10 @@ at::Tensor lora_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor&
                      double scale, const std::optional<at::Tensor>& bias);
 void lora_rows_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
                 double scale, const std::optional<at::Tensor>& bias);
+void lora_runs_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
+                    const at::Tensor& bias, const at::Tensor& meta, const int64_t* runs, int64_t num_runs);
+void lora_runs_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
+                const at::Tensor& bias, const at::Tensor& meta, const at::Tensor& runs);
 // csrc/lm_head.cpp
 at::Tensor lm_head_refine(const at::Tensor& approx, const at::Tensor& x, const at::Tensor& W, int64_t k);
 // up to this many rows a run's LoRA takes lora_rows (lora.py: LORA_ROWS_MAX)
@@ -107,13 +111,10 @@ struct StepAttention {
 
 // runtime/nn/adapter_batch.py::AdapterBatch, the parts the LoRA paths read
 struct StepAdapters {
-  int64_t path = 0;  // 0: no LoRA rows; 1: runs; 2: slab
+  int64_t path = 0;  // 0: no LoRA rows; 1: runs
   bool any_dora = false;
   at::Tensor token_slots;  // [T] slot per token (DoRA's factor rows)
   std::vector<std::array<int64_t, 3>> runs;  // (slot, start, end)
-  int64_t lo = 0, hi = 0, width = 0;  // slab slot range and grid width
-  bool identity = false;
-  at::Tensor source, cells, rows, row_slots;  // slab: SlotSlab.source/cells, adapter_rows/_slots
 };
 
 Fused4bit make_fused(at::Tensor packed, at::Tensor absmax, std::optional<at::Tensor> bias,
@@ -185,8 +186,7 @@ class DecodeStack {
   // write_index [T]. Keys: decode row j reads keys los[j]..lens[j]-1 through its block table
   // (attention.py's decode group, paged; decode_tokens: where the decode rows sit, None when
   // every row is one); each other row (a prefill chunk) is attended alone (row_* lists).
-  // Adapters: lora_path 0 (none), 1 (runs [n, 3]: slot, start, end) or
-  // 2 (slab: slots lo..hi-1, grid width, identity, source, cells, adapter rows and their slots).
+  // Adapters: lora_path 0 (none) or 1 (runs [n, 3]: slot, start, end).
   // Returns x after the last layer.
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
                      const at::Tensor& pool, const at::Tensor& write_index,
@@ -195,12 +195,7 @@ class DecodeStack {
                      const std::optional<at::Tensor>& los, std::vector<int64_t> row_start,
                      std::vector<int64_t> row_len, std::vector<int64_t> row_kv,
                      std::vector<at::Tensor> row_table, std::vector<at::Tensor> row_mask,
-                     int64_t lora_path, const std::optional<at::Tensor>& runs,
-                     int64_t slab_lo, int64_t slab_hi, int64_t slab_width, bool slab_identity,
-                     const std::optional<at::Tensor>& slab_source,
-                     const std::optional<at::Tensor>& slab_cells,
-                     const std::optional<at::Tensor>& rows,
-                     const std::optional<at::Tensor>& row_slots, bool any_dora,
+                     int64_t lora_path, const std::optional<at::Tensor>& runs, bool any_dora,
                      const std::optional<at::Tensor>& token_slots) const {
     at::NoGradGuard no_grad;
     StepAttention sa;
@@ -215,13 +210,11 @@ class DecodeStack {
     ad.path = lora_path;
     ad.any_dora = any_dora;
     if (any_dora) ad.token_slots = *token_slots;
+    TORCH_CHECK(lora_path == 0 || lora_path == 1, "LoRA path must be 0 (none) or 1 (runs)");
     if (lora_path == 1) {
       const at::Tensor r = runs->contiguous();
       const int64_t* p = r.data_ptr<int64_t>();
       for (int64_t i = 0; i < r.size(0); ++i) ad.runs.push_back({p[3 * i], p[3 * i + 1], p[3 * i + 2]});
-    } else if (lora_path == 2) {
-      ad.lo = slab_lo, ad.hi = slab_hi, ad.width = slab_width, ad.identity = slab_identity;
-      ad.source = *slab_source, ad.cells = *slab_cells, ad.rows = *rows, ad.row_slots = *row_slots;
     }
     for (int64_t i = 0; i < num_layers(); ++i) {
       const Layer& l = layers_[i];
@@ -330,22 +323,14 @@ class DecodeStack {
   // (LoraSlots.forward: with DoRA rows in the step, y + (f - 1) * (y - b0) + f * delta)
   at::Tensor adapt(const at::Tensor& x, at::Tensor y, const LoraSlots& m, const StepAdapters& ad) const {
     if (ad.path == 0 || !m.defined()) return y;
-    if (!ad.any_dora)
-      return ad.path == 1 ? add_runs(m, x, std::move(y), ad) : add_slab(m, x, std::move(y), ad);
-    at::Tensor zeros = at::zeros({x.size(0), m.Bt.size(2)}, x.options());  // lora.py::lora_delta
-    at::Tensor delta;
-    if (ad.path == 1) {
-      delta = add_runs(m, x, zeros, ad);
-    } else {
-      std::optional<at::Tensor> d = delta_slab(m, x, ad);
-      delta = d ? zeros.index_add(0, ad.rows, *d) : zeros;
-    }
+    if (!ad.any_dora) return add_runs(m, x, std::move(y), ad);
+    at::Tensor delta = add_runs(m, x, at::zeros({x.size(0), m.Bt.size(2)}, x.options()), ad);  // lora_delta
     at::Tensor f = m.dora.index({ad.token_slots});  // [T, out]
     at::Tensor y0 = m.base_bias ? y - *m.base_bias : y;
     return y + ((f - 1) * y0 + f * delta);
   }
 
-  // lora.py::_add_runs: one addmm per run of same-slot rows, on views
+  // lora.py::_add_runs: the short runs in one pass (csrc/lora_rows.cpp), one addmm per longer run
   at::Tensor add_runs(const LoraSlots& m, const at::Tensor& x, at::Tensor y, const StepAdapters& ad) const {
     std::vector<std::array<int64_t, 3>> runs;
     for (const auto& r : ad.runs)
@@ -361,43 +346,22 @@ class DecodeStack {
       return m.has_bias(slot) ? out + m.bias.select(0, slot) : out;
     }
     y = y.clone();
+    std::vector<int64_t> short_runs;  // (slot, start, end) flat: csrc/lora_rows.cpp, all at once
     for (const auto& [slot, a, b] : runs) {
+      if (b - a <= quiver::kLoraRowsMax) {
+        short_runs.insert(short_runs.end(), {slot, a, b});
+        continue;
+      }
       const int64_t r = m.rank(slot);
       at::Tensor A = m.A.select(0, slot).slice(0, 0, r), Bt = m.Bt.select(0, slot).slice(0, 0, r);
       at::Tensor rows = y.slice(0, a, b);
-      if (b - a <= quiver::kLoraRowsMax) {
-        quiver::lora_rows_(rows, x.slice(0, a, b), A, Bt, m.scale_of(slot), bias_of(slot));
-        continue;
-      }
       rows.addmm_(x.slice(0, a, b).mm(A.t()), Bt, 1, m.scale_of(slot));
       if (m.has_bias(slot)) rows += m.bias.select(0, slot);
     }
+    if (!short_runs.empty())
+      quiver::lora_runs_into(y, x, m.A, m.Bt, m.bias, m.meta, short_runs.data(),
+                             static_cast<int64_t>(short_runs.size() / 3));
     return y;
-  }
-
-  // LoraSlots.forward's add of the slab delta
-  at::Tensor add_slab(const LoraSlots& m, const at::Tensor& x, at::Tensor y, const StepAdapters& ad) const {
-    std::optional<at::Tensor> d = delta_slab(m, x, ad);
-    if (!d) return y;
-    return ad.identity ? y + *d : y.index_add(0, ad.rows, *d);
-  }
-
-  // lora.py::_delta_slab: two bmm over the slab's slot range -> [n, out] (adapter_rows order),
-  // none when no slot of the range targets this projection
-  std::optional<at::Tensor> delta_slab(const LoraSlots& m, const at::Tensor& x, const StepAdapters& ad) const {
-    int64_t r = 0;
-    bool any_bias = false;
-    for (int64_t s = ad.lo; s < ad.hi; ++s) r = std::max(r, m.rank(s)), any_bias |= m.has_bias(s);
-    if (r == 0) return std::nullopt;
-    const int64_t G = ad.hi - ad.lo, N = ad.width;
-    at::Tensor xs = ad.identity ? x.view({G, N, -1})  // [G, N, in]
-                                : at::pad(x, {0, 0, 0, 1}).index({ad.source}).view({G, N, -1});
-    at::Tensor xa = at::bmm(xs, m.A.slice(0, ad.lo, ad.hi).slice(1, 0, r).transpose(1, 2));  // [G, N, r]
-    xa = xa * m.scale.slice(0, ad.lo, ad.hi).view({-1, 1, 1});
-    at::Tensor d = at::bmm(xa, m.Bt.slice(0, ad.lo, ad.hi).slice(1, 0, r)).view({G * N, -1});
-    if (!ad.identity) d = d.index({ad.cells});  // [n, out]
-    if (any_bias) d = d + m.bias.index({ad.row_slots});
-    return d;
   }
 
   // KVCache.write (index_copy_ of k and v into the layer's flat rows), as row copies: the
@@ -481,5 +445,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotate", &quiver::rotate, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_rows", &quiver::lora_rows, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_rows_", &quiver::lora_rows_, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("lora_runs_", &quiver::lora_runs_, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lm_head_refine", &quiver::lm_head_refine, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -6,17 +6,110 @@
 // A decode step with one adapter runs 7 projections x layers of these at n = 1..8; as two ATen
 // matmuls each costs ~10 us of dispatch for ~50k multiply-adds. Here: one pass, no allocation
 // but the output. The reference is lora.py::lora_delta_reference (tests/nn/test_lora_rows.py).
+//
+// lora_runs_ does the same for every short run of a step at once, in place, split over threads:
+//
+//   y [T, out], x [T, in], A [S+1, R, in], Bt [S+1, R, out], bias [S+1, out] (LoraSlots' slot
+//   tensors), meta [S+1, 3] float64 (slot_meta: rank, scale, has_bias), runs [n, 3] int64
+//   (slot, start, end), each end - start <= kRunRowsMax; slots of rank 0 add nothing
+//
+// A decode step over many adapters (one row each) is a stream of distinct weights: 64 rank-16
+// adapters on all seven projections read ~40 MB a layer, 2 flops a byte, so the step is
+// bound by memory bandwidth. One pass over each slot's A and Bt rows (each row read once for
+// all of the run's tokens), the runs split over the cores, is that stream and nothing else;
+// two ATen bmm over the slot range (lora.py's slab path) reached about half of it.
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace quiver {
 
 namespace {
 
+constexpr int64_t kRunRowsMax = 8;  // lora.py: LORA_ROWS_MAX
+// below this many bytes of adapter weights a step's runs go on one thread (a parallel region
+// costs a few microseconds; a rank-16 q_proj slot is 74 kB)
+constexpr int64_t kParallelBytes = 1 << 18;
+
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && t.stride(1) == 1, name,
               " must be 2-D fp32 with contiguous rows");
+}
+
+// a . b over n floats. Four accumulators: one chain of fused multiply-adds is latency-bound
+// (4 cycles each) below what a core streams from memory.
+constexpr int64_t kPrefetchFloats = 1024;
+inline float dot(const float* a, const float* b, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(a + i + kPrefetchFloats), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(a + i + kPrefetchFloats + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(a + i + kPrefetchFloats + 32), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(a + i + kPrefetchFloats + 48), _MM_HINT_T0);
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+  }
+  for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s1);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#else
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+#endif
+}
+
+// out[t] = y[t] + sum_j c[t, j] Bt[j] for t < n, the sum in j order. Row by row of Bt: each
+// row streams from memory once for all n rows (the out rows stay in L1). Keeping 16 columns'
+// sums in registers over all of Bt's rows instead measured slower: r strided streams.
+void expand(float* out, int64_t out_stride, const float* y, int64_t y_stride, int64_t n, const float* c,
+            int64_t r, const float* Bt, int64_t b_stride, int64_t on) {
+  for (int64_t t = 0; t < n; ++t) {  // out may be y itself (in place)
+    float* ot = out + t * out_stride;
+    const float* yt = y + t * y_stride;
+    if (ot != yt) std::copy(yt, yt + on, ot);
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    const float* bj = Bt + j * b_stride;
+    for (int64_t t = 0; t < n; ++t) {
+      const float cj = c[t * r + j];
+      float* ot = out + t * out_stride;
+#pragma omp simd
+      for (int64_t o = 0; o < on; ++o) ot[o] += cj * bj[o];
+    }
+  }
+}
+
+// One run of n <= kRunRowsMax rows: out[t] = y[t] + sum_j (s * A[j] . x[t]) Bt[j] (+ bias).
+// Each A and Bt row is read from memory once for all n rows; xa [n * r] is scratch.
+void run_rows(float* out, int64_t out_stride, const float* y, int64_t y_stride, const float* x,
+              int64_t x_stride, int64_t n, int64_t in, const float* A, int64_t a_stride, int64_t r,
+              const float* Bt, int64_t b_stride, int64_t on, float s, const float* bias, float* xa) {
+  for (int64_t j = 0; j < r; ++j)  // xa[t, j] = s * (A x[t])_j
+    for (int64_t t = 0; t < n; ++t) xa[t * r + j] = s * dot(A + j * a_stride, x + t * x_stride, in);
+  expand(out, out_stride, y, y_stride, n, xa, r, Bt, b_stride, on);
+  if (bias != nullptr) {
+    for (int64_t t = 0; t < n; ++t) {
+      float* ot = out + t * out_stride;
+#pragma omp simd
+      for (int64_t o = 0; o < on; ++o) ot[o] += bias[o];
+    }
+  }
 }
 
 }  // namespace
@@ -34,30 +127,12 @@ void lora_rows_into(at::Tensor& out, const at::Tensor& y, const at::Tensor& x, c
                 "LoRA bias must be [out] fp32");
     bp = bias->data_ptr<float>();
   }
-  const float s = static_cast<float>(scale);
-  std::vector<float> xa(r);
-  for (int64_t t = 0; t < n; ++t) {
-    const float* xt = x.data_ptr<float>() + t * x.stride(0);
-    for (int64_t j = 0; j < r; ++j) {  // xa = A x[t]
-      const float* aj = A.data_ptr<float>() + j * A.stride(0);
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < in; ++i) dot += aj[i] * xt[i];
-      xa[j] = dot;
-    }
-    const float* yt = y.data_ptr<float>() + t * y.stride(0);
-    float* ot = out.data_ptr<float>() + t * out.stride(0);
-    if (ot != yt) std::copy(yt, yt + on, ot);  // out may be y itself (in place)
-    for (int64_t j = 0; j < r; ++j) {  // out += scale * xa Bt
-      const float c = s * xa[j];
-      const float* bj = Bt.data_ptr<float>() + j * Bt.stride(0);
-#pragma omp simd
-      for (int64_t o = 0; o < on; ++o) ot[o] += c * bj[o];
-    }
-    if (bp != nullptr) {
-#pragma omp simd
-      for (int64_t o = 0; o < on; ++o) ot[o] += bp[o];
-    }
+  std::vector<float> xa(kRunRowsMax * r);
+  for (int64_t a = 0; a < n; a += kRunRowsMax) {
+    const int64_t m = std::min(kRunRowsMax, n - a);
+    run_rows(out.data_ptr<float>() + a * out.stride(0), out.stride(0), y.data_ptr<float>() + a * y.stride(0),
+             y.stride(0), x.data_ptr<float>() + a * x.stride(0), x.stride(0), m, in, A.data_ptr<float>(), A.stride(0),
+             r, Bt.data_ptr<float>(), Bt.stride(0), on, static_cast<float>(scale), bp, xa.data());
   }
 }
 
@@ -71,6 +146,54 @@ at::Tensor lora_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor&
 void lora_rows_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
                 double scale, const std::optional<at::Tensor>& bias) {
   lora_rows_into(y, y, x, A, Bt, scale, bias);
+}
+
+void lora_runs_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
+                    const at::Tensor& bias, const at::Tensor& meta, const int64_t* runs, int64_t num_runs) {
+  check_rows(y, "y"), check_rows(x, "x");
+  TORCH_CHECK(A.dim() == 3 && Bt.dim() == 3 && A.is_contiguous() && Bt.is_contiguous() &&
+                  A.scalar_type() == at::kFloat && Bt.scalar_type() == at::kFloat,
+              "LoRA runs: A [S+1, R, in] and Bt [S+1, R, out] must be contiguous fp32");
+  const int64_t slots = A.size(0), R = A.size(1), in = A.size(2), on = Bt.size(2), T = x.size(0);
+  TORCH_CHECK(Bt.size(0) == slots && Bt.size(1) == R && x.size(1) == in && y.size(0) == T && y.size(1) == on,
+              "LoRA runs: shapes disagree");
+  TORCH_CHECK(bias.is_contiguous() && bias.scalar_type() == at::kFloat && bias.size(0) == slots &&
+                  bias.size(1) == on, "LoRA runs: bias must be [S+1, out] fp32");
+  TORCH_CHECK(meta.is_contiguous() && meta.scalar_type() == at::kDouble && meta.size(0) == slots,
+              "LoRA runs: meta must be [S+1, 3] float64");
+  const double* mp = meta.data_ptr<double>();
+  int64_t bytes = 0;
+  for (int64_t i = 0; i < num_runs; ++i) {
+    const int64_t slot = runs[3 * i], a = runs[3 * i + 1], b = runs[3 * i + 2];
+    TORCH_CHECK(0 <= slot && slot < slots && 0 <= a && a <= b && b <= T && b - a <= kRunRowsMax,
+                "LoRA runs: run ", i, " (", slot, ", ", a, ", ", b, ") is outside the batch or longer than ",
+                kRunRowsMax, " rows");
+    const int64_t r = static_cast<int64_t>(mp[3 * slot]);
+    TORCH_CHECK(0 <= r && r <= R, "LoRA runs: slot ", slot, " has rank ", r, " > ", R);
+    bytes += r * (in + on) * static_cast<int64_t>(sizeof(float));
+  }
+  float* yp = y.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *Ap = A.data_ptr<float>(), *Bp = Bt.data_ptr<float>();
+  const float* biasp = bias.data_ptr<float>();
+  const int64_t ys = y.stride(0), xs = x.stride(0);
+  at::parallel_for(0, num_runs, bytes < kParallelBytes ? num_runs : 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xa(kRunRowsMax * R);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t slot = runs[3 * i], a = runs[3 * i + 1], b = runs[3 * i + 2];
+      const int64_t r = static_cast<int64_t>(mp[3 * slot]);
+      if (r == 0 || a == b) continue;
+      const float* bp = mp[3 * slot + 2] != 0.0 ? biasp + slot * on : nullptr;
+      run_rows(yp + a * ys, ys, yp + a * ys, ys, xp + a * xs, xs, b - a, in, Ap + slot * R * in, in, r,
+               Bp + slot * R * on, on, on, static_cast<float>(mp[3 * slot + 1]), bp, xa.data());
+    }
+  });
+}
+
+void lora_runs_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
+                const at::Tensor& bias, const at::Tensor& meta, const at::Tensor& runs) {
+  TORCH_CHECK(runs.dim() == 2 && runs.size(1) == 3 && runs.scalar_type() == at::kLong && runs.is_contiguous(),
+              "LoRA runs: runs must be [n, 3] int64 (slot, start, end)");
+  lora_runs_into(y, x, A, Bt, bias, meta, runs.data_ptr<int64_t>(), runs.size(0));
 }
 
 }  // namespace quiver
