@@ -93,9 +93,10 @@ class AttentionBatch:
         rows, index, start = [], [], 0
         for seq, q_len in zip(seqs, q_lens):
             rows.append(AttnRow(start, q_len, seq.length + q_len, seq=seq))
-            index.append(cache.write_index(seq, q_len))
+            index += cache.write_rows(seq, q_len)
             start += q_len
-        return cls(rows, cache, torch.cat(index).to(cache.device), batch_decode=batch_decode)
+        return cls(rows, cache, torch.tensor(index, dtype=torch.long, device=cache.device),
+                   batch_decode=batch_decode)
 
     def prepare(self, sliding_window: int | None) -> None:
         """Called by the model before its first layer: the window is the model's to know."""

@@ -177,9 +177,13 @@ class KVCache:
 
     def write_index(self, seq: SeqCache, n_new: int) -> torch.Tensor:
         """Flat row indices ([n_new]) where the next `n_new` tokens of `seq` go."""
-        pos = torch.arange(seq.length, seq.length + n_new)
-        blocks = torch.tensor(seq.blocks, dtype=torch.long)[pos // self.block_size]
-        return blocks * self.block_size + pos % self.block_size
+        return torch.tensor(self.write_rows(seq, n_new), dtype=torch.long)
+
+    def write_rows(self, seq: SeqCache, n_new: int) -> list[int]:
+        """`write_index` as a list: a step's rows are gathered as ints and made one tensor
+        (four tensor ops a sequence cost ~0.5 ms of a 32-row decode step)."""
+        bs, blocks = self.block_size, seq.blocks
+        return [blocks[p // bs] * bs + p % bs for p in range(seq.length, seq.length + n_new)]
 
     # ---- prefix table ------------------------------------------------------------------------
     def _block_key(self, seq: SeqCache, tokens: Sequence[int], j: int) -> tuple:
