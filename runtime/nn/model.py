@@ -25,7 +25,7 @@ from runtime.nn.attention import AttentionBatch, attend
 from runtime.nn.groups import ProjectionGroup
 from runtime.nn.lm_head import LmHead
 from runtime.nn.lora import LoraSlots
-from runtime.nn.native import NativeDecode, rms_norm_kernel
+from runtime.nn.native import NativeDecode, rms_norm_kernel, silu_mul_kernel
 from runtime.nn.quant import make_base_linear
 from runtime.nn.rotary import Rotary, rotate
 
@@ -130,7 +130,18 @@ class MLP(nn.Module):
 
     def forward(self, x, ab: AdapterBatch | None):
         gate, up = self.gate_up(x, ab)
-        return self.down_proj(F.silu(gate) * up, ab)
+        return self.down_proj(silu_mul(gate, up), ab)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: on CPU in fp32 without autograd one C++ pass (csrc/elementwise.cpp, what
+    the C++ decode layers run, so both paths give the same bits); else two ATen ops."""
+    if gate.dtype == torch.float32 and gate.device.type == "cpu" and gate.dim() == 2 and \
+            not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        kernel = silu_mul_kernel()
+        if kernel is not None:
+            return kernel(gate, up)
+    return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):

@@ -195,6 +195,12 @@ def rotate_kernel():
     return None if ext is None else ext.rotate
 
 
+def silu_mul_kernel():
+    """csrc/elementwise.cpp's one-pass fp32 silu(g) * u (CPU), or None without the extension."""
+    ext = extension()
+    return None if ext is None else ext.silu_mul
+
+
 def lora_rows_kernel():
     """csrc/lora_rows.cpp's (lora_rows, lora_rows_) for a few rows of one adapter and lora_runs_
     for every short run of a step, or None."""

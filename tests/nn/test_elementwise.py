@@ -77,3 +77,51 @@ def test_one_pass_rotate_on_a_strided_view_equals_the_three_ops():
     three_ops = torch.addcmul(q * cos, q.roll(hd // 2, dims=-1), sin)
     torch.testing.assert_close(kernel(q, cos, sin), three_ops, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(rotate(q, cos, sin), rotate_reference(q, positions, rotary), atol=1e-5, rtol=1e-5)
+
+
+def _native():
+    from runtime.nn import native
+
+    ext = native.extension()
+    if ext is None:
+        pytest.skip("the C++ extension is not built")
+    return ext
+
+
+@pytest.mark.parametrize("shape", [(1, 1536), (32, 1536), (5, 37), (3, 16)])
+def test_one_pass_silu_mul_equals_aten(shape):
+    """Within a few fp32 roundings of F.silu(g) * u (each within two of the exact value), on a strided view (the split of gate|up),
+    over the range an activation takes and the ends where exp over- and underflows."""
+    ext = _native()
+    gu = torch.randn(shape[0], 2 * shape[1]) * 8
+    gu[0, :6] = torch.tensor([100.0, -100.0, 0.0, -0.0, 88.9, -88.9])
+    g, u = gu.split(shape[1], dim=-1)
+    got, ref = ext.silu_mul(g, u), torch.nn.functional.silu(g) * u
+    torch.testing.assert_close(got, ref, rtol=6e-7, atol=1e-35)
+    exact = g.double() * torch.sigmoid(g.double()) * u.double()
+    assert ((got.double() - exact).abs() <= 4e-7 * exact.abs() + 1e-35).all()  # ATen flushes there too
+
+
+def test_silu_mul_with_gradients_takes_autograd():
+    from runtime.nn.model import silu_mul
+
+    g = torch.randn(3, 8, requires_grad=True)
+    u = torch.randn(3, 8)
+    out = silu_mul(g, u)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    sig = torch.sigmoid(g.detach())
+    torch.testing.assert_close(g.grad, u * sig * (1 + g.detach() * (1 - sig)))
+
+
+@pytest.mark.parametrize("rows, n", [(1, 1536), (32, 1536), (4, 37)])
+def test_bf16_silu_mul_is_convert_silu_mul_convert(rows, n):
+    """The C++ decode layers' one pass from gate|up's bf16 output to down's bf16 input gives
+    the bits of what the modules compute: fp32, silu_mul, then ATen's rounding to bf16."""
+    ext = _native()
+    gu = (torch.randn(rows, 2 * n) * 6).bfloat16()
+    gu[0, :3] = torch.tensor([float("nan"), 1e30, -1e30])
+    g, u = gu.float().split(n, dim=-1)
+    expected = ext.silu_mul(g, u).bfloat16()
+    got = ext.silu_mul_bf16(gu)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)  # NaN's bits may differ

@@ -11,7 +11,8 @@
 //     x = x + fused4bit(o, o_proj)
 //     h = rms_norm(x, ln2)
 //     g|u = fused4bit(h, gate_up)                       [T, 2 inter]
-//     x = x + fused4bit(silu(g) * u, down)
+//     x = x + fused4bit(silu(g) * u, down)              (without adapters or biases there:
+//                                                        bf16 g|u -> bf16 silu(g) * u, one pass)
 //   each projection's output then gets its LoRA / DoRA delta where the step has adapter rows
 //   (runtime/nn/lora.py: the "runs" path; the gather path stays in Python)
 //
@@ -41,6 +42,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool, i
 // csrc/elementwise.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
+void silu_mul_bf16_rows(const at::BFloat16* gu, int64_t T, int64_t n, at::BFloat16* out);
+at::Tensor silu_mul_bf16(const at::Tensor& gu);
 // csrc/lora_rows.cpp
 at::Tensor lora_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
                      double scale, const std::optional<at::Tensor>& bias);
@@ -222,10 +226,7 @@ class DecodeStack {
       at::Tensor o = attention(h, l, i, cos, sin, pool, write_index, sa, ad);
       x = residual(x, o, l.o, l.lora[kO], ad);
       h = quiver::rms_norm(x, l.ln2, eps_);
-      std::vector<at::Tensor> gu = matmul(h, l.gate_up).split({inter_, inter_}, -1);
-      at::Tensor g = adapt(h, gu[0], l.lora[kGate], ad), u = adapt(h, gu[1], l.lora[kUp], ad);
-      at::Tensor a = at::silu(g) * u;
-      x = residual(x, a, l.down, l.lora[kDown], ad);
+      x = mlp(x, h, l, ad);
     }
     return x;
   }
@@ -241,6 +242,26 @@ class DecodeStack {
     return w.bias ? y + w.bias->to(y.scalar_type()) : y;
   }
 
+  // x + MLP(h): Python's MLP.forward, with silu_mul (csrc/elementwise.cpp) as the modules call
+  // it. Where no adapter touches the MLP and it has no bias, gate/up's bf16 output goes to
+  // down's bf16 input in one pass (silu_mul_bf16_rows: the same bits as converting to fp32,
+  // silu_mul, converting back), and down's output into the residual add.
+  at::Tensor mlp(const at::Tensor& x, const at::Tensor& h, const Layer& l, const StepAdapters& ad) const {
+    const bool adapted = ad.path != 0 && (l.lora[kGate].defined() || l.lora[kUp].defined() ||
+                                          l.lora[kDown].defined());
+    if (adapted || l.gate_up.bias || l.down.bias || !x.is_contiguous()) {
+      std::vector<at::Tensor> gu = matmul(h, l.gate_up).split({inter_, inter_}, -1);
+      at::Tensor g = adapt(h, gu[0], l.lora[kGate], ad), u = adapt(h, gu[1], l.lora[kUp], ad);
+      return residual(x, quiver::silu_mul(g, u), l.down, l.lora[kDown], ad);
+    }
+    const int64_t T = h.size(0);
+    const at::Tensor& gu = kernel_out(h, l.gate_up);  // [T, 2 inter] bf16
+    thread_local at::Tensor act;  // [T, inter] bf16: down's input
+    at::Tensor& a = scratch(act, T * inter_);
+    quiver::silu_mul_bf16_rows(gu.data_ptr<at::BFloat16>(), T, inter_, a.data_ptr<at::BFloat16>());
+    return add_output(x, run_kernel(a, T, l.down));
+  }
+
   // x + matmul(in, w) + m's delta (the residual stream after o_proj / down_proj). Where no
   // adapter row touches this projection and it has no bias, the add is fused into the output's
   // conversion: r = x + float(out), one pass, the same single fp32 rounding as ATen's add.
@@ -248,7 +269,11 @@ class DecodeStack {
                       const StepAdapters& ad) const {
     if ((ad.path != 0 && m.defined()) || w.bias || !x.is_contiguous())
       return x + adapt(in, matmul(in, w), m, ad);
-    const at::Tensor& out = kernel_out(in, w);  // [M, hidden] bf16
+    return add_output(x, kernel_out(in, w));
+  }
+
+  // x + float(out): a kernel's bf16 output [M, hidden] added into the residual stream, one pass
+  at::Tensor add_output(const at::Tensor& x, const at::Tensor& out) const {
     at::Tensor r = at::empty_like(x);
     const float* xp = x.data_ptr<float>();
     const at::BFloat16* op = out.data_ptr<at::BFloat16>();
@@ -266,9 +291,16 @@ class DecodeStack {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == w.k, "fused matmul input");
     const at::Tensor xc = x.contiguous();
     const int64_t M = xc.size(0);
-    thread_local at::Tensor bf16_in, bf16_out;  // reused by every call on this thread
+    thread_local at::Tensor bf16_in;  // reused by every call on this thread
     at::Tensor& a = scratch(bf16_in, M * w.k);  // [M, k] bf16
     convert(xc.data_ptr<float>(), a.data_ptr<at::BFloat16>(), M * w.k);
+    return run_kernel(a, M, w);
+  }
+
+  // The fused kernel on a ready bf16 input a [M, k] (scratch of at least M * k): its output
+  // [M, n] bf16 in this thread's scratch, valid until the next call.
+  const at::Tensor& run_kernel(const at::Tensor& a, int64_t M, const Fused4bit& w) const {
+    thread_local at::Tensor bf16_out;  // reused by every call on this thread
     at::Tensor& out = scratch(bf16_out, M * w.n);  // [M, n] bf16
     kernel_(M, w.n, w.k, a.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(),
             out.data_ptr(), blocksize_, w.k, w.n);
@@ -443,6 +475,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &quiver::rms_norm, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rotate", &quiver::rotate, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("silu_mul", &quiver::silu_mul, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("silu_mul_bf16", &quiver::silu_mul_bf16, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_rows", &quiver::lora_rows, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_rows_", &quiver::lora_rows_, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_runs_", &quiver::lora_runs_, pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -3,6 +3,10 @@
 //   rms_norm(x [T, n], w [n]) = x * rsqrt(mean(x^2) + eps) * w      (fp32, HF's formulation)
 //   rotate(x [T, H, hd], cos, sin [T, 1, hd]) = x * cos + roll(x, hd/2) * sin
 //                                                 (rotary.py's three ops; sin pre-signed)
+//   silu_mul(g, u [T, n]) = g / (1 + exp(-g)) * u   (the MLP's activation, fp32)
+//   silu_mul_bf16_rows: the same from the gate/up kernel's bf16 output [T, 2n] straight to the
+//                       down kernel's bf16 input [T, n] (csrc/decode_stack.cpp), rounded as
+//                       ATen's fp32 -> bf16 rounds: the same bits as silu_mul, then .to(bf16)
 //
 // On CPU `F.rms_norm` is a composite of five ops (pow, mean, add, rsqrt, mul x2): ~15 us a call
 // at decode sizes, 60 calls a step. One pass here: ~1 us. Rotary is three ATen ops for q and
@@ -14,8 +18,92 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace quiver {
+
+namespace {
+
+// exp(x), x = n ln2 + r with |r| <= ln2 / 2: exp(r) by its degree-6 Taylor polynomial
+// (relative error < 2e-7), times 2^n through the exponent bits; exp(x) = 0 below -87.3 and
+// inf above 88.7. The vector and scalar forms compute the same operations (fused multiply-adds
+// included), so a row's tail gets the bits its vector body would.
+constexpr float kExpLo = -87.33f, kExpHi = 88.72f, kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+constexpr float kC[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+
+inline float exp_scalar(float x) {
+  if (x < kExpLo) return 0.0f;
+  if (x > kExpHi) return INFINITY;
+  const float n = std::nearbyint(x * kLog2e);
+  float r = std::fma(-n, kLn2Hi, x);
+  r = std::fma(-n, kLn2Lo, r);
+  float p = kC[0];
+  for (int i = 1; i < 7; ++i) p = std::fma(p, r, kC[i]);
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float silu_mul1(float g, float u) { return g / (1.0f + exp_scalar(-g)) * u; }
+
+// fp32 -> bf16, round to nearest even (NaN -> 0x7fc0): c10::BFloat16's rounding
+inline uint16_t round_bf16(float x) {
+  if (std::isnan(x)) return 0x7fc0;
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return static_cast<uint16_t>((b + 0x7fff + ((b >> 16) & 1)) >> 16);
+}
+
+inline float from_bf16(uint16_t h) {
+  const uint32_t b = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+#if defined(__AVX512F__)
+inline __m512 exp16(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_LT_OQ);
+  const __mmask16 huge = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpHi), _CMP_GT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kExpLo)), _mm512_set1_ps(kExpHi));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kC[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kC[i]));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512 e = _mm512_maskz_mul_ps(static_cast<__mmask16>(~tiny), p, _mm512_castsi512_ps(bits));
+  return _mm512_mask_mov_ps(e, huge, _mm512_set1_ps(INFINITY));
+}
+
+inline __m512 silu_mul16(__m512 g, __m512 u) {
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+inline __m256i round_bf16_16(__m512 x) {  // round_bf16 on 16 lanes
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline __m512 from_bf16_16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+}  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
   TORCH_CHECK(x_.scalar_type() == at::kFloat && w_.scalar_type() == at::kFloat, "rms_norm runs in fp32");
@@ -69,6 +157,56 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor&
       for (int64_t d = half; d < hd; ++d) o[d] = xr[d] * c[d] + xr[d - half] * s[d];
     }
   });
+  return out;
+}
+
+at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
+  TORCH_CHECK(g.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat && g.dim() == 2 &&
+                  u.sizes() == g.sizes() && g.stride(1) == 1 && u.stride(1) == 1,
+              "silu_mul: fp32 g, u [T, n] of one shape, rows contiguous");
+  const int64_t T = g.size(0), n = g.size(1);
+  at::Tensor out = at::empty({T, n}, g.options());
+  const float *gp = g.data_ptr<float>(), *up = u.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float *gr = gp + t * g.stride(0), *ur = up + t * u.stride(0);
+      float* o = op + t * n;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(o + i, silu_mul16(_mm512_loadu_ps(gr + i), _mm512_loadu_ps(ur + i)));
+#endif
+      for (; i < n; ++i) o[i] = silu_mul1(gr[i], ur[i]);
+    }
+  });
+  return out;
+}
+
+void silu_mul_bf16_rows(const at::BFloat16* gu, int64_t T, int64_t n, at::BFloat16* out) {
+  // gu [T, 2n]: gate | up per row; out [T, n]
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(gu);
+  uint16_t* o16 = reinterpret_cast<uint16_t*>(out);
+  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const uint16_t *gr = in + t * 2 * n, *ur = gr + n;
+      uint16_t* o = o16 + t * n;
+      int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
+                            round_bf16_16(silu_mul16(from_bf16_16(gr + i), from_bf16_16(ur + i))));
+#endif
+      for (; i < n; ++i) o[i] = round_bf16(silu_mul1(from_bf16(gr[i]), from_bf16(ur[i])));
+    }
+  });
+}
+
+at::Tensor silu_mul_bf16(const at::Tensor& gu) {  // silu_mul_bf16_rows as a tensor op (tests)
+  TORCH_CHECK(gu.scalar_type() == at::kBFloat16 && gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0,
+              "silu_mul_bf16: contiguous bf16 gu [T, 2n]");
+  at::Tensor out = at::empty({gu.size(0), gu.size(1) / 2}, gu.options());
+  silu_mul_bf16_rows(gu.data_ptr<at::BFloat16>(), gu.size(0), gu.size(1) / 2, out.data_ptr<at::BFloat16>());
   return out;
 }
 
