@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from runtime.models.base import LoadedBase, load_base
@@ -43,6 +42,7 @@ from trainer.batch import PackedBatch, Schedule, eval_batches, pack
 from trainer.config import TrainConfig, TrainConfigError
 from trainer.data import load_examples
 from trainer.export import TrainSummary, export_adapter
+from trainer.loss import cross_entropy_sum, loss_and_argmax
 from trainer.methods import build_method
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,9 @@ class Trainer:
         return mean, sum(b.num_tokens for b in batches)
 
     def _loss_sum(self, batch: PackedBatch) -> torch.Tensor:
-        logits = self.method(self.model, batch)  # [n, vocab]
-        return F.cross_entropy(logits.float(), batch.targets, reduction="sum")
+        """Summed token cross-entropy of one micro-batch (differentiable; trainer/loss.py)."""
+        hidden = self.method.hidden(self.model, batch)  # [n, hidden]
+        return cross_entropy_sum(hidden, self.model.lm_head_weight, batch.targets)
 
     def _lr(self, step: int) -> float:
         """Learning rate of 0-based optimizer step `step`: warm-up, then the schedule to 0."""
@@ -192,10 +193,11 @@ class Trainer:
         total, count, matched = 0.0, 0, 0
         for batch in eval_batches(self.eval_examples, self.cfg.batch_size):
             batch = batch.to(self.device)
-            logits = self.method(self.model, batch).float()  # [n, vocab]
-            total += F.cross_entropy(logits, batch.targets, reduction="sum").item()
+            hidden = self.method.hidden(self.model, batch)  # [n, hidden]
+            loss, argmax = loss_and_argmax(hidden, self.model.lm_head_weight, batch.targets)
+            total += loss.item()
             count += batch.num_targets
-            wrong = (logits.argmax(-1) != batch.targets).long()  # [n]
+            wrong = (argmax != batch.targets).long()  # [n]
             wrong_per_row = torch.zeros(len(batch.row_lens), dtype=torch.long, device=wrong.device)
             matched += int((wrong_per_row.index_add_(0, batch.loss_row_of, wrong) == 0).sum())
         return total / count, matched / len(self.eval_examples)

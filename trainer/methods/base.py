@@ -37,6 +37,12 @@ class AdapterMethod(nn.Module):
     # ---- training ---------------------------------------------------------------------------
     def forward(self, model: DecoderModel, batch: PackedBatch) -> torch.Tensor:
         """Logits [n, vocab] at the batch's loss rows, with the adapter applied."""
+        return exact_logits(model, self.hidden(model, batch))
+
+    def hidden(self, model: DecoderModel, batch: PackedBatch) -> torch.Tensor:
+        """Final (normed) hidden states [n, hidden] at the batch's loss rows, with the adapter
+        applied: what the lm_head turns into logits. The loop takes its loss from these, through
+        the lm_head a vocabulary slice at a time (trainer/loss.py)."""
         raise NotImplementedError
 
     def adapter_params(self) -> list[nn.Parameter]:

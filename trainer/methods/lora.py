@@ -49,7 +49,7 @@ from runtime.nn.lora import LoraSlots
 from runtime.nn.model import AdaptedLinear, DecoderModel
 from trainer.batch import PackedBatch
 from trainer.config import TrainConfig, TrainConfigError
-from trainer.methods.base import AdapterMethod, ParamModule, exact_logits
+from trainer.methods.base import AdapterMethod, ParamModule
 
 SLOT = 0  # the trainable slot; slot 1 (= TRAIN_SLOTS) is the runtime's zero slot
 TRAIN_SLOTS = 1
@@ -168,14 +168,13 @@ class LoraFamilyMethod(AdapterMethod):
             lin.lora = self._saved_slots[name]
         self._saved_slots = None
 
-    def forward(self, model: DecoderModel, batch: PackedBatch) -> torch.Tensor:
+    def hidden(self, model: DecoderModel, batch: PackedBatch) -> torch.Tensor:
         rows = len(batch.row_lens)
         attn = AttentionBatch.without_cache(batch.row_lens)
         ab = AdapterBatch.build([SLOT] * rows, batch.row_lens, TRAIN_SLOTS, lora_slots={SLOT},
                                 dora_slots={SLOT} if self.use_dora else frozenset(),
                                 device=batch.tokens.device)
-        return exact_logits(model, model(batch.tokens, batch.positions(), attn, ab,
-                                         logits_rows=batch.loss_rows, return_hidden=True))
+        return model(batch.tokens, batch.positions(), attn, ab, logits_rows=batch.loss_rows, return_hidden=True)
 
     # ---- export -----------------------------------------------------------------------------
     @torch.no_grad()

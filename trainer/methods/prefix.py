@@ -27,7 +27,7 @@ from runtime.nn.attention import AttentionBatch
 from runtime.nn.model import DecoderModel
 from trainer.batch import PackedBatch
 from trainer.config import TrainConfig
-from trainer.methods.base import AdapterMethod, ParamModule, exact_logits
+from trainer.methods.base import AdapterMethod, ParamModule
 
 
 class PrefixEncoder(ParamModule):
@@ -65,12 +65,11 @@ class PrefixTuningMethod(AdapterMethod):
         self.encoder = PrefixEncoder(cfg.num_virtual_tokens, model.cfg, self.encoder_hidden,
                                      cfg.prefix_projection, model.model.norm.weight.device)
 
-    def forward(self, model: DecoderModel, batch: PackedBatch) -> torch.Tensor:
+    def hidden(self, model: DecoderModel, batch: PackedBatch) -> torch.Tensor:
         kv = prefix_kv(self.encoder(), self.model_cfg).to(model.dtype)  # [L, 2, H_kv, N, hd]
         attn = AttentionBatch.without_cache(batch.row_lens, prefixes=[kv] * len(batch.row_lens))
         positions = batch.positions(offset=self.cfg.num_virtual_tokens)
-        return exact_logits(model, model(batch.tokens, positions, attn, None, logits_rows=batch.loss_rows,
-                                         return_hidden=True))
+        return model(batch.tokens, positions, attn, None, logits_rows=batch.loss_rows, return_hidden=True)
 
     @torch.no_grad()
     def peft_tensors(self) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from runtime.nn.attention import AttentionBatch
 from runtime.nn.model import DecoderModel
 from trainer.batch import PackedBatch
 from trainer.config import TrainConfig, TrainConfigError
-from trainer.methods.base import AdapterMethod, ParamModule, exact_logits
+from trainer.methods.base import AdapterMethod, ParamModule
 
 
 class VirtualTokenMethod(AdapterMethod):
@@ -33,7 +33,7 @@ class VirtualTokenMethod(AdapterMethod):
     def embeddings(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, model: DecoderModel, batch: PackedBatch) -> torch.Tensor:
+    def hidden(self, model: DecoderModel, batch: PackedBatch) -> torch.Tensor:
         P = self.embeddings().to(model.dtype)  # [N, hidden]
         n = P.shape[0]
         x = model.embed(batch.tokens, None)  # [T, hidden]
@@ -44,8 +44,8 @@ class VirtualTokenMethod(AdapterMethod):
         lens = [n + length for length in batch.row_lens]
         positions = torch.cat([torch.arange(length) for length in lens]).to(x.device)
         rows = batch.loss_rows + n * (batch.loss_row_of + 1)  # shifted past each row's virtual tokens
-        return exact_logits(model, model(None, positions, AttentionBatch.without_cache(lens), None,
-                                         logits_rows=rows, inputs_embeds=x, return_hidden=True))
+        return model(None, positions, AttentionBatch.without_cache(lens), None, logits_rows=rows,
+                     inputs_embeds=x, return_hidden=True)
 
     @torch.no_grad()
     def peft_tensors(self) -> dict[str, torch.Tensor]:
