@@ -44,6 +44,7 @@ from trainer.data import load_examples
 from trainer.export import TrainSummary, export_adapter
 from trainer.loss import cross_entropy_sum, loss_and_argmax
 from trainer.methods import build_method
+from trainer.optim import clip_grad_norm_in_chunks, step_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,8 @@ class Trainer:
             loss.backward()
             loss_sum += ce.item()
         if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
+            clip_grad_norm_in_chunks(self.params, self.cfg.max_grad_norm)
+        step_in_chunks(self.optimizer)
         self.step += 1
         self.method.after_optimizer_step(self.step)
         self.optimizer.zero_grad(set_to_none=True)
