@@ -39,11 +39,24 @@ class TrainSummary:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def export_adapter(method: AdapterMethod, out_dir: str | Path, cfg: TrainConfig, summary: TrainSummary) -> Path:
+def export_adapter(method: AdapterMethod, out_dir: str | Path, cfg: TrainConfig, summary: TrainSummary,
+                   outside=None) -> Path:
+    """Write the adapter directory. `outside(fn)` runs the file writes (default: here); the
+    config, tensors and README are taken first, on the calling thread (trainer/loop.py's
+    `pauses.outside`: a job in the server lets the engine run beside the writes)."""
     out = Path(out_dir)
-    write_adapter(out, method.peft_config(), method.peft_tensors())
-    (out / "README.md").write_text(readme(method, cfg, summary), encoding="utf-8")
+    config, tensors, text = method.peft_config(), method.peft_tensors(), readme(method, cfg, summary)
+
+    def write() -> None:
+        write_adapter(out, config, tensors)
+        (out / "README.md").write_text(text, encoding="utf-8")
+
+    (outside or _now)(write)
     return out
+
+
+def _now(fn):
+    return fn()
 
 
 def readme(method: AdapterMethod, cfg: TrainConfig, s: TrainSummary) -> str:

@@ -9,8 +9,12 @@
 
 One optimizer step of a job on the embedded model takes ~0.5 s, a decode step ~5 ms: run
 whole, a step is a gap of ~100 tokens' time in every stream beside it. Here the step pauses at
-the pause points its forward and backward pass through (`PausePoints`: every decoder
-projection, both ways) once its piece's time is up, and the engine steps in between.
+the pause points it passes once its piece's time is up, and the engine steps in between: every
+decoder projection, both ways (`PausePoints`), and the trainer's own between the rest of a step
+(trainer/loop.py: the loss a vocabulary slice at a time, clipping and the optimizer a chunk of
+parameters at a time, a checkpoint's state file a record at a time). Measured on the embedded
+model (one core), no stretch between two pause points is longer than ~5-9 ms (a projection's
+forward or backward at the batch's token count, layer 0's merged q/k/v and attention).
 
 Exactly one of the two threads runs at any moment (a strict hand-off through two semaphores),
 so the call is the very computation an uninterrupted one is, the same ops in the same order on
@@ -19,6 +23,10 @@ construction (tests/training/test_pieces.py checks it), whatever the split and t
 The piece thread keeps torch's thread count of the engine thread and has grad mode on (both
 are per thread); torch's RNG is global, so a caller that swaps it around `run` (slices.py)
 swaps it for the piece too.
+
+One exception to the hand-off: `outside(fn)` runs blocking work that no serving step depends
+on (a checkpoint's file writes and fsyncs, ~50-70 ms of mostly waiting on the disk) with the
+engine let go: the piece hands back first, and goes on once both `fn` is done and it is resumed.
 
 `abandon` ends a call paused mid-way: its next pause point raises `Abandoned` on the piece
 thread, which unwinds it (a cancelled job: its half-done step is dropped with it).
@@ -75,16 +83,36 @@ class PiecewiseCall:
         """Piece thread (a no-op on any other): hand back if the piece's time is up."""
         if time.perf_counter() < self._deadline or threading.current_thread() is not self._thread:
             return
+        if self._abandon:  # unwinding an abandoned call (a `finally` that writes): no hand-back
+            raise Abandoned()
         self._handback.release()
         self._resume.acquire()
         if self._abandon:
             raise Abandoned()
+
+    def outside(self, fn: Callable[[], Any]) -> Any:
+        """Piece thread: hand back, run `fn` while the engine thread goes on, then wait to be
+        resumed (module docstring). `fn` must read nothing the engine writes and write nothing it
+        reads (files; the method's parameters, which only the call itself writes). Any other
+        thread: just `fn()`."""
+        if threading.current_thread() is not self._thread:
+            return fn()
+        if self._abandon:
+            raise Abandoned()
+        self._handback.release()
+        try:
+            return fn()
+        finally:
+            self._resume.acquire()
+            if self._abandon:
+                raise Abandoned()
 
     def abandon(self) -> None:
         """Engine thread: unwind the call in flight, if any (its outcome is dropped)."""
         if self._fn is None:
             return
         self._abandon = True
+        self._deadline = 0.0  # every pause point from here raises (the unwinding hands back once, at its end)
         self._resume.release()
         self._handback.acquire()
         self._abandon = False
@@ -117,27 +145,31 @@ class PiecewiseCall:
 class PausePoints:
     """Pause points in every forward and backward through a model's decoder projections.
 
-    Forward: before each projection (a module forward pre-hook). Backward: once the gradient of
-    a projection's input is complete (a hook on that tensor), i.e. after the backward of the
-    projections that read it. ~4-7 per decoder layer each way: a pause comes every few
-    milliseconds on the embedded model. Installed for a piece only (`installed`), so serving
-    steps in between run no hook.
+    Forward: after each projection (a module forward hook). Backward: before each projection's
+    backward (a hook on its output, run once the output's gradient is complete) and once the
+    gradient of its input is complete (a hook on the input: after the backward of every
+    projection that reads it). So no stretch of backward holds more than one projection's
+    backward: gate and up, which read the same input, pause between them (measured, embedded
+    model, one core: the longest backward stretch 8.9 ms with input hooks alone, 4.9 ms with
+    both). ~4-7 per decoder layer forward, twice that backward. Installed for a piece only (`installed`), so serving steps in
+    between run no hook.
     """
 
     def __init__(self, modules: list[nn.Module], pause: Callable[[], None]):
         self._modules, self._pause = modules, pause
 
-    def _before(self, module: nn.Module, args: tuple) -> None:
+    def _after(self, module: nn.Module, args: tuple, out) -> None:
         self._pause()
         x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.requires_grad:
-            x.register_hook(self._after_grad)
+        for t in (x, out):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._at_grad)
 
-    def _after_grad(self, grad: torch.Tensor) -> None:
+    def _at_grad(self, grad: torch.Tensor) -> None:
         self._pause()
 
     def installed(self):
-        return _Installed([m.register_forward_pre_hook(self._before) for m in self._modules])
+        return _Installed([m.register_forward_hook(self._after) for m in self._modules])
 
 
 class _Installed:

@@ -45,14 +45,15 @@ from trainer.loop import CHECKPOINTS, STATE_FILE, Trainer
 class ResidentRun:
     def __init__(self, cfg: TrainConfig, base: LoadedBase, examples: tuple[list, list]):
         self.cfg = cfg
-        self.trainer = Trainer(cfg, base, resident=True, examples=examples)
-        self._rng: torch.Tensor | None = None
         # The piece thread computes on one thread: a second OpenMP team of the engine thread's
         # size beside the engine's own oversubscribes the cores, and libgomp then stops spinning
         # in every team (measured, 2 cores: a job's rate 0.51x quiver train's and the streams'
         # TPOT 3.8x; with one thread 0.70x and 1.7x). Steps with no traffic beside them run
         # whole on the engine thread and its team instead (`advance(whole=True)`).
         self._call = PiecewiseCall(1)
+        # the step's own pause points (trainer/loop.py) are the call's
+        self.trainer = Trainer(cfg, base, resident=True, examples=examples, pauses=self._call)
+        self._rng: torch.Tensor | None = None
         self._points = PausePoints(list(base.model.adapted_linears().values()), self._call.pause_point)
         self._tokens_before = 0  # the trainer's token count when the step in flight began
         self._seconds_before = 0.0  # ... and its step seconds

@@ -1,7 +1,13 @@
 """Optimizer steps cut into pieces (runtime/training/pieces.py, slices.py): any cut gives the
-uninterrupted step bit for bit, serving between pieces sees nothing of the job, a budget of
-zero pauses at every pause point, and a step abandoned mid-way lets go of everything."""
+uninterrupted step bit for bit (its eval and checkpoint included), serving between pieces sees
+nothing of the job, a budget of zero pauses at every pause point (the projections' and the
+trainer's own: the loss's vocabulary slices, clipping's and the optimizer's chunks, the
+checkpoint's records), and a step abandoned mid-way (in its checkpoint too) lets go of everything."""
 from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -49,9 +55,28 @@ def _run_in_pieces(cfg, base, budget_s: float, between=None) -> tuple[ResidentRu
         while run.advance(budget_s) is None:
             n += 1
             if between is not None:
-                between()
+                between(run) if getattr(between, "wants_run", False) else between()
         pieces.append(n)
     return run, pieces
+
+
+def _paused_in(run: ResidentRun) -> set[str]:
+    """The functions on the piece thread's stack while it is paused (or in `outside`)."""
+    frame = sys._current_frames()[run._call._thread.ident]
+    names = set()
+    while frame is not None:
+        names.add(frame.f_code.co_name)
+        frame = frame.f_back
+    return names
+
+
+def _checkpointed(tmp_path, data, name: str, cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with an eval every step and a checkpoint every step, into its own output."""
+    return replace(cfg, output=str(tmp_path / name), eval_data=str(data), eval_every=1, save_every=1)
+
+
+def _state(output: str, step: int) -> dict:
+    return torch.load(f"{output}/checkpoints/step-{step:06d}/trainer_state.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "prefix"])
@@ -75,6 +100,44 @@ def test_a_step_in_many_pieces_is_the_whole_step_bit_for_bit(method, data, base,
     for name in ref:
         assert torch.equal(mine[name], ref[name]), name
         assert torch.equal(mine[name], theirs[name]), name
+
+
+def test_a_step_its_eval_and_checkpoint_in_many_pieces_are_quiver_trains_bit_for_bit(data, base, tmp_path):
+    cfg = _config(data, tmp_path)
+    whole, _ = _run_in_pieces(_checkpointed(tmp_path, data, "whole", cfg), base, float("inf"))
+    whole.close()
+    cut, _ = _run_in_pieces(_checkpointed(tmp_path, data, "cut", cfg), base, 0.0)
+    assert cut.trainer.eval_history == whole.trainer.eval_history
+    cut.close()
+    offline = Trainer(_checkpointed(tmp_path, data, "offline", cfg), base)  # quiver train, same base
+    offline.setup()
+    for _ in range(STEPS):
+        offline.advance()
+    assert offline.eval_history == whole.trainer.eval_history
+    offline.cleanup()
+    for name in ("cut", "offline"):
+        for step in range(1, STEPS + 1):
+            mine, ref = _state(str(tmp_path / name), step), _state(str(tmp_path / "whole"), step)
+            assert mine["history"] == ref["history"] and torch.equal(mine["rng"], ref["rng"])
+            assert mine["method"].keys() == ref["method"].keys()
+            assert all(torch.equal(mine["method"][k], ref["method"][k]) for k in ref["method"]), (name, step)
+            for i, s in ref["optimizer"]["state"].items():
+                assert all(torch.equal(v, mine["optimizer"]["state"][i][k]) for k, v in s.items()), (name, step)
+
+
+def test_a_budget_of_zero_pauses_inside_the_loss_clipping_optimizer_and_checkpoint(data, base, tmp_path):
+    seen: set[str] = set()
+
+    def between(run):
+        seen.update(_paused_in(run))
+
+    between.wants_run = True
+    run, _ = _run_in_pieces(_checkpointed(tmp_path, data, "out", _config(data, tmp_path)), base, 0.0, between)
+    run.close()
+    trainer_parts = {"_logit_chunks", "_block_grad", "_at_grad", "_after",
+                     "clip_grad_norm_in_chunks", "step_in_chunks", "loss_and_argmax", "save_in_pieces",
+                     "outside"}
+    assert trainer_parts <= seen, trainer_parts - seen
 
 
 def test_serving_between_pieces_sees_nothing_of_the_job(data, base, tmp_path):
@@ -119,6 +182,41 @@ def test_abandoning_a_step_mid_way_gives_the_model_back(data, base, tmp_path):
     run.close()
     assert {n: lin.lora for n, lin in linears.items()} == before
     assert not base.model.training and not run._call._thread.is_alive()
+
+
+def test_abandoning_a_step_in_its_checkpoint_writes_leaves_no_checkpoint(data, base, tmp_path):
+    cfg = _checkpointed(tmp_path, data, "out", _config(data, tmp_path))
+    run = ResidentRun(cfg, base, read_examples(cfg, base))
+    run.setup()
+    while run.advance(0.0) is None and "save_in_pieces" not in _paused_in(run):
+        pass
+    assert run.mid_step and "save_in_pieces" in _paused_in(run)
+    run.close()
+    assert not (tmp_path / "out" / "checkpoints" / "step-000001").exists()
+    assert not base.model.training and not run._call._thread.is_alive()
+
+
+def test_outside_lets_the_engine_thread_go_on_until_it_resumes_the_call():
+    call = PiecewiseCall(threads=1)
+    engine_ran = threading.Event()
+    order = []
+
+    def fn():
+        def io():
+            assert engine_ran.wait(10)  # the engine thread runs while this blocks
+            order.append("io")
+            return 5
+
+        value = call.outside(io)
+        order.append("after")
+        return value
+
+    assert call.run(fn, 10.0) == (False, None)  # handed back before io() finished
+    engine_ran.set()
+    assert call.run(fn, 10.0) == (True, 5)
+    assert order == ["io", "after"]
+    assert call.outside(lambda: 7) == 7  # off the piece thread: just the call
+    call.close()
 
 
 def test_a_call_raises_on_the_engine_thread_and_the_piece_thread_goes_on():
