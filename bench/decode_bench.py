@@ -36,7 +36,10 @@ def _quiver(quant: str):
 def quiver_step_fn(model, batch: int, slots: list[int] | None = None, registry=None):
     """A closure that runs one decode step for `batch` rows with CONTEXT-token histories, on the
     model's device (cache, tokens and metadata there too; CUDA is synchronized, so a timing is
-    the kernels' time)."""
+    the kernels' time): the engine's batch metadata, forward and sampler (greedy rows asking
+    for no log-probabilities, the serving default)."""
+    from runtime.engine.params import SamplingParams
+    from runtime.engine.sampling import sample
     from runtime.nn.adapter_batch import AdapterBatch
     from runtime.nn.attention import AttentionBatch
     from runtime.nn.kv_cache import KVCache, SeqCache
@@ -48,6 +51,7 @@ def quiver_step_fn(model, batch: int, slots: list[int] | None = None, registry=N
         cache.reserve(s, CONTEXT + 1)
         s.length = CONTEXT  # history rows (values do not matter for timing)
     tokens = torch.randint(0, model.cfg.vocab_size, (batch,), device=dev)
+    greedy = [SamplingParams()] * batch
     positions = torch.full((batch,), CONTEXT, device=dev)
 
     def step():
@@ -58,7 +62,7 @@ def quiver_step_fn(model, batch: int, slots: list[int] | None = None, registry=N
                 lora, dora, emb = registry.slot_sets()
                 ab = AdapterBatch.build(slots, [1] * batch, registry.none_slot, lora_slots=lora,
                                         dora_slots=dora, embedding_slots=emb, device=dev)
-            out = model(tokens, positions, attn, ab).argmax(-1)
+            out = sample(model(tokens, positions, attn, ab), greedy, logprobs=False).tokens
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return out

@@ -414,7 +414,7 @@ class Engine:
                else None for s in seqs]  # presence / frequency penalties: generated ids only
         result = sample(logits, [s.req.sampling for s in seqs], [s.generator for s in seqs],
                         prev, [s.stop.suppressed_ids() for s in seqs], top_n=top_n,
-                        output_tokens=gen)
+                        output_tokens=gen, logprobs=any(s.req.options.logprobs for s in seqs))
         tokens = result.tokens.tolist()
         logprobs = result.logprobs.tolist()
         for i, seq in enumerate(seqs):

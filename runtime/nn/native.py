@@ -201,6 +201,12 @@ def silu_mul_kernel():
     return None if ext is None else ext.silu_mul
 
 
+def argmax_kernel():
+    """csrc/elementwise.cpp's x.argmax(-1) over fp32 rows (CPU), or None without the extension."""
+    ext = extension()
+    return None if ext is None else ext.argmax_rows
+
+
 def lora_rows_kernel():
     """csrc/lora_rows.cpp's (lora_rows, lora_rows_) for a few rows of one adapter and lora_runs_
     for every short run of a step, or None."""

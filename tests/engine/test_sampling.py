@@ -15,6 +15,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+from runtime.engine import sampling
 from runtime.engine.params import SamplingParams
 from runtime.engine.sampling import (
     generator_for,
@@ -246,3 +247,32 @@ def test_only_rows_that_need_a_sort_pay_for_one(monkeypatch):
     sample(logits, cheap * 9 + [SamplingParams(temperature=1.0, top_p=0.9)] * 3, [None] * 30)
     assert calls == [(3, V)]
 
+
+
+@pytest.mark.parametrize("shape", [(1, 49152), (32, 49152), (5, 37), (3, 1), (4, 16)])
+def test_argmax_is_torch_argmax(shape):
+    """The greedy argmax (one C++ pass on CPU) gives torch's answer: ties to the first maximum,
+    a NaN anywhere wins (the first one), rows of -inf pick 0, over a row-strided view too."""
+    g = torch.Generator().manual_seed(shape[0] * shape[1])
+    wide = torch.randint(-3, 4, (shape[0], shape[1] + 5), generator=g).float()  # many ties
+    x = wide[:, 2:2 + shape[1]]
+    if shape[1] > 3:
+        x[0, 1] = x[0, -1] = float("inf")
+        x[-1] = float("-inf")
+    if shape[0] > 2 and shape[1] > 5:
+        x[1, 4] = x[1, 2] = float("nan")
+    assert torch.equal(sampling.argmax(x), x.argmax(dim=-1))
+
+
+def test_no_logprobs_asked_skips_them_and_keeps_the_tokens():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 300, generator=g)
+    params = [SamplingParams()] * 3 + [SamplingParams(temperature=0.8, top_k=20, seed=s) for s in range(3)]
+    gens = lambda: [generator_for(p.seed) for p in params]  # noqa: E731
+    full = sample(logits, params, gens())
+    lean = sample(logits, params, gens(), logprobs=False)
+    assert torch.equal(full.tokens, lean.tokens)
+    assert torch.equal(lean.logprobs, torch.zeros(6)) and lean.top_ids.shape == (6, 0)
+    assert (full.logprobs < 0).all()
+    with_top = sample(logits, params, gens(), top_n=2, logprobs=False)  # top_n needs them anyway
+    assert torch.equal(with_top.logprobs, full.logprobs)

@@ -45,6 +45,7 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
 void silu_mul_bf16_rows(const at::BFloat16* gu, int64_t T, int64_t n, at::BFloat16* out);
 at::Tensor silu_mul_bf16(const at::Tensor& gu);
+at::Tensor argmax_rows(const at::Tensor& x);
 // csrc/lora_rows.cpp
 at::Tensor lora_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
                      double scale, const std::optional<at::Tensor>& bias);
@@ -477,6 +478,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotate", &quiver::rotate, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("silu_mul", &quiver::silu_mul, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("silu_mul_bf16", &quiver::silu_mul_bf16, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("argmax_rows", &quiver::argmax_rows, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_rows", &quiver::lora_rows, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_rows_", &quiver::lora_rows_, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_runs_", &quiver::lora_runs_, pybind11::call_guard<pybind11::gil_scoped_release>());
