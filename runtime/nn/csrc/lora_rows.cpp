@@ -17,7 +17,7 @@
 // adapters on all seven projections read ~40 MB a layer, 2 flops a byte, so the step is
 // bound by memory bandwidth. One pass over each slot's A and Bt rows (each row read once for
 // all of the run's tokens), the runs split over the cores, is that stream and nothing else;
-// two ATen bmm over the slot range (lora.py's slab path) reached about half of it.
+// two ATen bmm over the slot range (the "slab" path this pass replaced) reached about half of it.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
