@@ -15,7 +15,7 @@ import torch
 from runtime.models.base import load_base
 from runtime.nn.attention import AttentionBatch
 from runtime.training.pieces import Abandoned, PiecewiseCall
-from runtime.training.slices import ResidentRun
+from runtime.training.slices import ResidentRun, pause_modules
 from tests.training.conftest import jsonl, learn_rows
 from trainer import TrainConfig
 from trainer.loop import Trainer, read_examples
@@ -212,11 +212,53 @@ def test_outside_lets_the_engine_thread_go_on_until_it_resumes_the_call():
         return value
 
     assert call.run(fn, 10.0) == (False, None)  # handed back before io() finished
+    assert call.outside_busy  # (a busy slice does not wait for it: slices.py)
     engine_ran.set()
     assert call.run(fn, 10.0) == (True, 5)
+    assert not call.outside_busy
     assert order == ["io", "after"]
     assert call.outside(lambda: 7) == 7  # off the piece thread: just the call
     call.close()
+
+
+def test_a_piece_hands_back_before_a_stretch_that_would_overrun_it():
+    """The stretch after a pause point is taken to last as long as it did the last time: a piece
+    whose budget it would overrun ends at that point, and the next piece runs it."""
+    import time
+
+    call = PiecewiseCall(threads=1)
+    ran = []
+
+    def fn():
+        call.pause_point("before the long stretch")
+        ran.append("long")
+        time.sleep(0.2)
+        call.pause_point("after it")
+        return "done"
+
+    assert call.run(fn, 10.0) == (True, "done")  # learns the stretch: ~0.2 s
+    ran.clear()
+    t0 = time.perf_counter()
+    assert call.run(fn, 0.1) == (False, None)
+    assert time.perf_counter() - t0 < 0.1 and ran == []  # ended at the point, within its budget
+    assert call.run(fn, 0.1) == (False, None) and ran == ["long"]  # a piece always runs on
+    assert call.run(fn, 10.0) == (True, "done")
+    call.close()
+
+
+def test_the_pause_points_hooks_stay_for_a_step_and_go_with_it(data, base, tmp_path):
+    cfg = _config(data, tmp_path)
+    run = ResidentRun(cfg, base, read_examples(cfg, base))
+    run.setup()
+    modules = pause_modules(base.model)
+    assert run.advance(0.0) is None
+    assert all(len(m._forward_hooks) == 1 for m in modules)  # mid-step: installed
+    while run.advance(0.0) is None:
+        pass
+    assert not any(m._forward_hooks for m in modules)  # the step done: gone
+    assert run.advance(0.0) is None
+    run.close()  # abandoned mid-step: gone too
+    assert not any(m._forward_hooks for m in modules)
 
 
 def test_a_call_raises_on_the_engine_thread_and_the_piece_thread_goes_on():
