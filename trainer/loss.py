@@ -13,8 +13,9 @@ the lm_head, the cross-entropy and their backward ~45 ms with 17 loss rows) duri
 fine-tuning job inside the server cannot hand the engine thread back
 (runtime/training/pieces.py); its fp32 logits, and the log-softmax autograd saves beside them,
 are also 2 x n x V x 4 bytes (400 MB each for 1k loss rows). Here the loss rows go in blocks of
-at most ROW_BLOCK, and each block's logits a vocabulary slice of about CHUNK_LOGITS logits at a
-time (a few milliseconds each), with `pause()` after every slice.
+at most ROW_BLOCK, and each block through the vocabulary a slice at a time (within CHUNK_LOGITS
+logits and CHUNK_WEIGHT_BYTES of weight: ~1.3 ms a slice on one core), in three passes with
+`pause()` after every slice: the logits, their exp (with the row maxima), the gradient.
 
 The gradient with respect to `hidden`, (softmax(z) - onehot(t)) @ W, is computed in the same pass,
 a slice at a time: the lm_head weight is frozen (no gradient of its own), so backward only scales
@@ -86,10 +87,10 @@ class _VocabCrossEntropy(torch.autograd.Function):
         losses, grads = [], []
         for rows in _row_blocks(hidden.shape[0]):
             chunks = _logit_chunks(hidden[rows], weight, pause)
-            loss, probs = _block_loss_and_probs(chunks, targets[rows], weight.shape[0])
+            loss, s = _block_loss_and_exp(chunks, targets[rows], weight.shape[0], pause)
             losses.append(loss.sum())
             if ctx.needs_input_grad[0]:
-                grads.append(_block_grad(probs, targets[rows], weight, pause).to(hidden.dtype))
+                grads.append(_block_grad(chunks, s, targets[rows], weight, pause).to(hidden.dtype))
         ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(0))
         return _total(losses, hidden.device)
 
@@ -119,23 +120,24 @@ def _block_loss(chunks, targets: torch.Tensor, vocab: int) -> torch.Tensor:
     return m + torch.log(s) - _target_logits(chunks, targets, vocab)
 
 
-def _block_loss_and_probs(chunks, targets: torch.Tensor, vocab: int):
-    """(per-row cross-entropy [r], softmax chunks): the chunks' logits become probabilities in place."""
+def _block_loss_and_exp(chunks, targets: torch.Tensor, vocab: int, pause):
+    """(per-row cross-entropy [r], s [r]); the chunks' logits become exp(z - m), the softmax
+    numerators, in place, a pause after each."""
     m = _row_max(chunks)
     z_t = _target_logits(chunks, targets, vocab)
     s = torch.zeros_like(m)
     for _, z in chunks:
-        z.sub_(m[:, None]).exp_()  # exp(z - m): softmax numerators
+        z.sub_(m[:, None]).exp_()
         s += z.sum(1)
-    for _, z in chunks:
-        z.div_(s[:, None])
-    return m + torch.log(s) - z_t, chunks
+        pause()
+    return m + torch.log(s) - z_t, s
 
 
-def _block_grad(probs, targets: torch.Tensor, weight: torch.Tensor, pause) -> torch.Tensor:
+def _block_grad(numerators, s: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, pause) -> torch.Tensor:
     """d loss / d hidden of one block [r, H] = sum over slices (softmax - onehot) @ W[slice]."""
     grad = torch.zeros(targets.shape[0], weight.shape[1], dtype=torch.float32, device=weight.device)
-    for cols, p in probs:
+    for cols, p in numerators:
+        p.div_(s[:, None])  # softmax
         here = (targets >= cols.start) & (targets < cols.stop)
         rows = here.nonzero().squeeze(1)
         p[rows, targets[rows] - cols.start] -= 1.0

@@ -94,11 +94,11 @@ def test_the_eval_loss_and_argmax_are_torchs_first_maximum_included():
     assert torch.equal(L.loss_and_argmax(h, w, t)[1][:2], torch.tensor([7, 7]))
 
 
-def test_a_pause_comes_after_every_slice_forward_and_gradient():
+def test_a_pause_comes_after_every_slice_of_each_pass():
     h, w, t = _case(17, vocab=49152, hidden=64)
     pauses = []
     L.cross_entropy_sum(h, w, t, lambda: pauses.append(1)).backward()
-    assert len(pauses) == 2 * len(L.vocab_slices(17, w))
+    assert len(pauses) == 3 * len(L.vocab_slices(17, w))  # logits, exp, gradient
     pauses.clear()
     L.loss_and_argmax(h.detach(), w, t, lambda: pauses.append(1))
     assert len(pauses) == len(L.vocab_slices(17, w))
