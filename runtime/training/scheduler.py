@@ -12,14 +12,20 @@ thread, the `validating_files` phase, so the engine never waits on that), start 
 picks its running job up again and resumes it.
 
 Time share (`TimeShare`): while requests are waiting or running, training may take at most
---train-share of the engine thread's time, in slices about one serving step long. Every serving
+--train-share of the engine thread's time, in slices of half a serving step. Every serving
 step earns training credit `step_s * share / (1 - share)`; a slice runs once the credit covers
-a slice's budget (the recent serving step time) and spends what it took. So a stream beside a
-job sees at most one slice between two of its tokens, a gap of ~2 steps, and its TPOT grows by
-at most 1 / (1 - share). With no traffic whole optimizer steps run back to back on the engine
-thread and its threads (a step in flight when traffic stopped finishes in IDLE_SLICE_S pieces
-first; the credit is reset), and a request that arrives waits for at most the one step in flight
-(~0.2 s on the embedded model).
+a slice's budget (half the recent serving step time) and spends what it took. So a stream
+beside a job sees at most one slice between two of its tokens, and its TPOT grows by at most
+1 / (1 - share). Why half a step: a token's gap is the slice, the ~1 ms a slice spends outside
+the step (attaching the adapter, the hand-off) and the next step, and the stream's largest gap
+is the unluckiest of those; measured (bench.train_bench --in-server, embedded model, 2 shared
+cores, two A/B runs): the largest gap 7.5 and 5.0 decode steps with one-step slices, 3.3 and 3.6
+with half-step ones, the same share of the engine's time.
+
+With no traffic whole optimizer steps run back to back on the engine thread and its threads (a
+step in flight when traffic stopped finishes in IDLE_SLICE_S pieces first; the credit is
+reset), and a request that arrives waits for at most the one step in flight (~0.2 s on the
+embedded model).
 """
 from __future__ import annotations
 
@@ -48,37 +54,49 @@ PUBLISH_TIMEOUT_S = 60.0
 IDLE_SLICE_S = 0.1
 #: the shortest busy slice (a model whose serving steps take microseconds still trains)
 MIN_SLICE_S = 0.002
+#: a busy slice's budget, in recent serving steps (module docstring)
+SLICE_STEPS = 0.5
 
 
 class TimeShare:
     """Training's share of engine time while requests wait, and each slice's budget (module
     docstring).
 
-    A busy slice's budget is the recent serving step time (an average over the last few, so one
-    long prefill does not stretch the next slice): between two tokens of a stream there is then
-    at most its step and one slice. A slice starts only once the credit covers its budget: the
-    time is earned before it is spent, so a burst of traffic is slowed by at most the share.
+    A busy slice's budget is `slice_steps` times the recent serving step time (an average over
+    the last few, so one long prefill does not stretch the next slice): between two tokens of a
+    stream there is then at most its step and one slice. A slice starts only once the credit
+    covers its budget: the time is earned before it is spent, so a burst of traffic is slowed by
+    at most the share. A serving step right after a slice earns for its usual length only, and
+    what it took beyond that is charged to training: the slice's cost includes what it does to
+    the step after it (measured: 1-5% of those steps take 3-4x their usual time on a shared
+    2-core machine, the other cores' work having moved onto the one the slice left idle).
     """
 
-    def __init__(self, share: float, idle_slice_s: float = IDLE_SLICE_S, min_slice_s: float = MIN_SLICE_S):
+    def __init__(self, share: float, idle_slice_s: float = IDLE_SLICE_S, min_slice_s: float = MIN_SLICE_S,
+                 slice_steps: float = SLICE_STEPS):
         if not 0.0 < share <= 1.0:
             raise ValueError(f"--train-share must be in (0, 1], not {share}")
         self.share, self.idle_slice, self.min_slice = share, idle_slice_s, min_slice_s
+        self.slice_steps = slice_steps
         self.credit = 0.0
-        self.step_s = 0.0  # moving average of the serving steps' durations
+        self.step_s = 0.0  # moving average of the serving steps' usual durations
+        self._after_slice = False  # the last call was a busy slice
 
     def served(self, step_s: float) -> None:
-        self.step_s = step_s if self.step_s == 0.0 else 0.7 * self.step_s + 0.3 * step_s
+        excess = max(0.0, step_s - self.step_s) if self._after_slice and self.step_s else 0.0
+        self._after_slice = False
+        usual = step_s - excess
+        self.step_s = usual if self.step_s == 0.0 else 0.7 * self.step_s + 0.3 * usual
         cap = 2 * self.slice_s  # room for one slice, never an unbounded bank
         if self.share >= 1.0:
             self.credit = cap
             return
-        self.credit = min(cap, self.credit + step_s * self.share / (1.0 - self.share))
+        self.credit = min(cap, self.credit + usual * self.share / (1.0 - self.share) - excess)
 
     @property
     def slice_s(self) -> float:
-        """A busy slice's budget: one recent serving step."""
-        return max(self.min_slice, self.step_s)
+        """A busy slice's budget: `slice_steps` recent serving steps."""
+        return max(self.min_slice, self.slice_steps * self.step_s)
 
     def may_train(self, busy: bool) -> bool:
         return not busy or self.credit >= self.slice_s
@@ -88,6 +106,7 @@ class TimeShare:
 
     def trained(self, busy: bool, seconds: float) -> None:
         self.credit = self.credit - seconds if busy else 0.0
+        self._after_slice = busy
 
 
 @dataclass

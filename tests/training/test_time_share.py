@@ -33,12 +33,33 @@ def test_busy_share_converges_to_train_share(share, step_s, slice_s):
     assert _busy_share(share, step_s, slice_s) == pytest.approx(expected, abs=0.01)
 
 
+def test_a_step_a_slice_slows_down_is_charged_to_training():
+    """Each slice makes the serving step after it `slowdown` longer: slices and slowdowns
+    together stay within the share, and the budget follows the usual step, not the slow one."""
+    share, step_s, slowdown = 0.3, 0.005, 0.010
+    ts = TimeShare(share)
+    served = trained = 0.0
+    after = False
+    for _ in range(20_000):
+        took = step_s + (slowdown if after else 0.0)
+        served += step_s
+        trained += took - step_s
+        ts.served(took)
+        after = ts.may_train(busy=True)
+        if after:
+            budget = ts.budget(busy=True)
+            trained += budget
+            ts.trained(True, budget)
+    assert trained / (trained + served) <= share + 0.01
+    assert ts.budget(busy=True) == pytest.approx(0.0025, rel=0.05)
+
+
 def test_short_slices_never_exceed_the_share():
     for slice_s in (0.0001, 0.002, 0.01, 0.05, 1.0):
         assert _busy_share(0.3, 0.010, slice_s) <= 0.3 + 0.01
 
 
-def test_idle_slices_are_short_and_traffic_then_earns_a_step_long_slice_first():
+def test_idle_slices_are_short_and_traffic_then_earns_a_half_step_slice_first():
     ts = TimeShare(0.3)
     for _ in range(5):
         assert ts.may_train(busy=False) and ts.budget(busy=False) == IDLE_SLICE_S
@@ -47,13 +68,13 @@ def test_idle_slices_are_short_and_traffic_then_earns_a_step_long_slice_first():
     while not ts.may_train(busy=True):  # a request arrived: served until a slice is earned
         ts.served(0.01)
         served += 0.01
-    assert ts.budget(busy=True) == pytest.approx(0.01)  # the slice: one serving step long
-    assert served == pytest.approx(0.01 * 0.7 / 0.3, abs=0.011)
+    assert ts.budget(busy=True) == pytest.approx(0.005)  # the slice: half a serving step
+    assert served == pytest.approx(0.005 * 0.7 / 0.3, abs=0.011)
 
 
-def test_a_burst_gets_step_long_slices_at_most_the_share_of_its_time():
-    """48 decode steps of 5 ms after idle training (the embedded model's figures): slices of one
-    step's budget, together at most the share of the burst's time."""
+def test_a_burst_gets_half_step_slices_at_most_the_share_of_its_time():
+    """48 decode steps of 5 ms after idle training (the embedded model's figures): slices of half
+    a step's budget, together at most the share of the burst's time."""
     ts = TimeShare(0.3)
     ts.trained(False, IDLE_SLICE_S)
     served = trained = 0.0
@@ -65,7 +86,7 @@ def test_a_burst_gets_step_long_slices_at_most_the_share_of_its_time():
             budgets.append(ts.budget(busy=True))
             ts.trained(True, budgets[-1])
             trained += budgets[-1]
-    assert budgets and all(b == pytest.approx(0.005) for b in budgets)
+    assert budgets and all(b == pytest.approx(0.0025) for b in budgets)
     assert trained / (trained + served) <= 0.3 + 0.01
 
 
@@ -77,10 +98,16 @@ def test_the_budget_follows_recent_steps_not_one_long_prefill():
     assert ts.budget(busy=True) < 0.07
     for _ in range(20):
         ts.served(0.005)
-    assert ts.budget(busy=True) == pytest.approx(0.005, rel=0.05)
+    assert ts.budget(busy=True) == pytest.approx(0.0025, rel=0.05)
     tiny = TimeShare(0.3)
     tiny.served(1e-6)
     assert tiny.budget(busy=True) == MIN_SLICE_S
+
+
+def test_the_slice_is_the_given_part_of_a_step():
+    ts = TimeShare(0.3, slice_steps=1.0)
+    ts.served(0.01)
+    assert ts.budget(busy=True) == pytest.approx(0.01)
 
 
 def test_share_one_trains_after_every_step_and_bad_shares_are_refused():
