@@ -231,12 +231,13 @@ ADMIN = "bench-admin-token"
 class ServeProcess:
     """`quiver serve` on the embedded model as a subprocess (free ports, a fresh data dir)."""
 
-    def __init__(self, data_dir: str, threads: int | None, share: float):
+    def __init__(self, data_dir: str, threads: int | None, share: float, port: int = 0):
         import subprocess
         import sys
         import threading
 
-        args = [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", "--http-port", "0",
+        http = port + 1 if port else 0
+        args = [sys.executable, "-m", "runtime.cli", "serve", "--port", str(port), "--http-port", str(http),
                 "--metrics-port", "-1", "--data-dir", data_dir, "--admin-token", ADMIN,
                 "--train-share", str(share), *(["--threads", str(threads)] if threads else [])]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -338,12 +339,13 @@ def stream_figures(times: list[float]) -> tuple[float, float]:
     return statistics.mean(gaps), max(gaps)
 
 
-def measure_in_server(rounds: int, steps: int, stream_tokens: int, threads: int | None, share: float) -> dict:
+def measure_in_server(rounds: int, steps: int, stream_tokens: int, threads: int | None, share: float,
+                      port: int = 0) -> dict:
     """A/B interleaved: per round, `quiver train` then the same job in the server, no traffic;
     then base streams without a job and with one running, alternately."""
     out = {"train": [], "server": [], "tpot": [], "tpot_job": [], "gap": [], "gap_job": []}
     with tempfile.TemporaryDirectory() as data_dir:
-        srv = ServeProcess(data_dir, threads, share)
+        srv = ServeProcess(data_dir, threads, share, port)
         try:
             srv.stream(8)  # warm
             for r in range(rounds):
@@ -404,11 +406,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="--in-server: A/B rounds of each measurement")
     p.add_argument("--stream-tokens", type=int, default=128, help="--in-server: tokens per base stream")
     p.add_argument("--train-share", type=float, default=0.3, help="--in-server: the server's --train-share")
+    p.add_argument("--port", type=int, default=0,
+                   help="--in-server: the server's gRPC port, HTTP on the next one (default: any free)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.in_server:
-        out = measure_in_server(args.rounds, args.steps, args.stream_tokens, args.threads, args.train_share)
+        out = measure_in_server(args.rounds, args.steps, args.stream_tokens, args.threads, args.train_share,
+                                args.port)
         print(f"\n## Fine-tuning in the server: {args.steps} steps a job, --train-share {args.train_share}\n")
         print(f"{machine_line()}, {torch.get_num_threads()} torch threads  \n{versions_line()}\n")
         print(in_server_report(out, args.train_share))
