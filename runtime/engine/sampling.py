@@ -350,7 +350,6 @@ def sample_reference(
     suppress: Sequence[set[int] | None] | None = None,
     top_n: int = 0,
     output_tokens: Sequence[Tensor | None] | None = None,
-    logprobs: bool = True,
 ) -> SampleResult:
     """`sample`, one row at a time, in the plainest torch. Rows with a generator draw exactly
     what `sample` draws; rows without one draw from the default generator row by row."""

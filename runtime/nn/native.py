@@ -136,7 +136,8 @@ class NativeDecode:
     @staticmethod
     def takes(attn, adapters) -> bool:
         """A step against the KV cache (decode rows, prefill chunks or both) on a CPU fp32 pool
-        (the paged decode kernel), whose LoRA rows (if any, DoRA included) take the runs path. Embedding LoRA is applied before the layers and prompt / prefix tuning live in the
+        (the paged decode kernel), whose LoRA rows (if any, DoRA included) take the runs path.
+        Embedding LoRA is applied before the layers and prompt / prefix tuning live in the
         cache: both are fine. Not the prompt-tuning KV precompute (`capture`)."""
         if attn.capture is not None or attn.paged is None:  # set by attn.prepare (cache-only)
             return False
@@ -174,37 +175,39 @@ def _lora_args(ab) -> tuple:
             ab.token_slots if ab.any_dora else None)
 
 
+def op(name: str):
+    """The extension's function `name`, or None without the extension (the callers then run
+    their torch form)."""
+    ext = extension()
+    return None if ext is None else getattr(ext, name)
+
+
 def paged_attention(cache):
     """csrc/paged_attention.cpp's kernel for decode rows over `cache`, or None where it does not
     apply (not a CPU fp32 pool, or no extension): then SDPA over gathered keys (attention.py)."""
     if cache is None or cache.device.type != "cpu" or cache.dtype != torch.float32:
         return None
-    ext = extension()
-    return None if ext is None else ext.paged_decode_attention
+    return op("paged_decode_attention")
 
 
 def rms_norm_kernel():
-    """csrc/elementwise.cpp's one-pass fp32 RMSNorm (CPU), or None without the extension."""
-    ext = extension()
-    return None if ext is None else ext.rms_norm
+    """csrc/elementwise.cpp's one-pass fp32 RMSNorm (CPU), or None."""
+    return op("rms_norm")
 
 
 def rotate_kernel():
-    """csrc/elementwise.cpp's one-pass rotary (CPU fp32), or None without the extension."""
-    ext = extension()
-    return None if ext is None else ext.rotate
+    """csrc/elementwise.cpp's one-pass rotary (CPU fp32), or None."""
+    return op("rotate")
 
 
 def silu_mul_kernel():
-    """csrc/elementwise.cpp's one-pass fp32 silu(g) * u (CPU), or None without the extension."""
-    ext = extension()
-    return None if ext is None else ext.silu_mul
+    """csrc/elementwise.cpp's one-pass fp32 silu(g) * u (CPU), or None."""
+    return op("silu_mul")
 
 
 def argmax_kernel():
-    """csrc/elementwise.cpp's x.argmax(-1) over fp32 rows (CPU), or None without the extension."""
-    ext = extension()
-    return None if ext is None else ext.argmax_rows
+    """csrc/elementwise.cpp's x.argmax(-1) over fp32 rows (CPU), or None."""
+    return op("argmax_rows")
 
 
 def lora_rows_kernel():
@@ -215,9 +218,8 @@ def lora_rows_kernel():
 
 
 def lm_head_refine_kernel():
-    """csrc/lm_head.cpp's one-pass exact top-k over bf16 logits (CPU), or None without the extension."""
-    ext = extension()
-    return None if ext is None else ext.lm_head_refine
+    """csrc/lm_head.cpp's one-pass exact top-k over bf16 logits (CPU), or None."""
+    return op("lm_head_refine")
 
 
 def applicable(model) -> bool:
