@@ -30,10 +30,6 @@
 #include <optional>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 namespace quiver {
 // csrc/paged_attention.cpp
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool, int64_t layer,
@@ -44,6 +40,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
 void silu_mul_bf16_rows(const at::BFloat16* gu, int64_t T, int64_t n, at::BFloat16* out);
+void convert_bf16(const float* src, at::BFloat16* dst, int64_t n);
+void convert_bf16(const at::BFloat16* src, float* dst, int64_t n);
 at::Tensor silu_mul_bf16(const at::Tensor& gu);
 at::Tensor argmax_rows(const at::Tensor& x);
 // csrc/lora_rows.cpp
@@ -316,41 +314,14 @@ class DecodeStack {
     return buf;
   }
 
+  // fp32 <-> bf16 (csrc/elementwise.cpp convert_bf16: c10::BFloat16's rounding), split over
+  // the threads from kConvertGrain elements
   template <typename From, typename To>
   static void convert(const From* src, To* dst, int64_t n) {
     at::parallel_for(0, n, kConvertGrain, [&](int64_t begin, int64_t end) {
-      int64_t i = begin;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-      i = convert16(src, dst, begin, end);
-#endif
-      for (; i < end; ++i) dst[i] = static_cast<To>(static_cast<float>(src[i]));
+      quiver::convert_bf16(src + begin, dst + begin, end - begin);
     });
   }
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  // 16 lanes at a time; returns where the scalar tail starts. fp32 -> bf16 rounds to nearest
-  // even exactly as c10::BFloat16 does (NaN -> 0x7fc0, denormals kept); bf16 -> fp32 is exact.
-  static int64_t convert16(const float* src, at::BFloat16* dst, int64_t i, int64_t end) {
-    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-    const __m512i nan = _mm512_set1_epi32(0x7fc0);
-    for (; i + 16 <= end; i += 16) {
-      const __m512 x = _mm512_loadu_ps(src + i);
-      const __m512i b = _mm512_castps_si512(x);
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
-      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(bias, lsb)), 16);
-      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
-    }
-    return i;
-  }
-  static int64_t convert16(const at::BFloat16* src, float* dst, int64_t i, int64_t end) {
-    for (; i + 16 <= end; i += 16) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-    }
-    return i;
-  }
-#endif
 
   // AdaptedLinear.adapt: y = base(x) [T, out] -> y + this projection's LoRA delta
   // (LoraSlots.forward: with DoRA rows in the step, y + (f - 1) * (y - b0) + f * delta)

@@ -7,6 +7,7 @@
 //   argmax_rows(x [B, V]) = x.argmax(-1): torch's answer (the first maximum; a NaN beats any
 //                        number: the first NaN), one thread a row; torch's reduction over the
 //                        last dimension runs one 16-byte lane at a time (0.42 ms at 32 x 49152)
+//   convert_bf16: fp32 <-> bf16 arrays (the C++ layers' conversions around the 4-bit kernel)
 //   silu_mul_bf16_rows: the same from the gate/up kernel's bf16 output [T, 2n] straight to the
 //                       down kernel's bf16 input [T, n] (csrc/decode_stack.cpp), rounded as
 //                       ATen's fp32 -> bf16 rounds: the same bits as silu_mul, then .to(bf16)
@@ -235,6 +236,27 @@ int64_t argmax_row(const float* x, int64_t n) {
 }
 
 }  // namespace
+
+// fp32 <-> bf16 over n elements on this thread (the C++ layers split the work): round_bf16,
+// c10::BFloat16's rounding, and the exact widening
+void convert_bf16(const float* src, at::BFloat16* dst, int64_t n) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), round_bf16_16(_mm512_loadu_ps(src + i)));
+#endif
+  for (; i < n; ++i) d[i] = round_bf16(src[i]);
+}
+
+void convert_bf16(const at::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, from_bf16_16(s + i));
+#endif
+  for (; i < n; ++i) dst[i] = from_bf16(s[i]);
+}
 
 at::Tensor argmax_rows(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1 && x.size(1) > 0,
