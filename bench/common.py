@@ -24,6 +24,21 @@ def median_time(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
+def paired_median_times(fns: list[Callable[[], object]], reps: int = 5, warmup: int = 1) -> list[float]:
+    """median_time of each fn, timed in turns (a, b, a, b, ...): on a shared VM the machine's
+    pace drifts by 10-20% between seconds, which back-to-back runs would put into the ratio."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from bench.common import machine_line, median_time, table, versions_line
+from bench.common import machine_line, median_time, paired_median_times, table, versions_line
 
 CONTEXT = 32
 
@@ -163,15 +163,16 @@ def random_lora_dir(root, i: int, cfg, rank: int = 16, targets=None) -> str:
     return path
 
 
-def lora_megabytes(cfg, rank: int, targets, adapters: int, blocksize: int = 64) -> tuple[float, float]:
-    """(MB of LoRA weights a step over `adapters` distinct adapters reads, fp32 as the slots
-    hold them; MB of the base's 4-bit projection weights with their bf16 block scales): the
-    step's two weight streams."""
+def lora_megabytes(cfg, rank: int, targets, adapters: int, blocksize: int = 64,
+                   weight_bytes: int = 4) -> tuple[float, float]:
+    """(MB of LoRA weights a step over `adapters` distinct adapters reads, `weight_bytes` an
+    element as the slots hold them; MB of the base's 4-bit projection weights with their bf16
+    block scales): the step's two weight streams."""
     lora = base = 0.0
     for name, (fan_in, fan_out) in cfg.linear_shapes().items():
         base += fan_in * fan_out * (0.5 + 2 / blocksize) * cfg.num_layers
         if name in targets:
-            lora += rank * (fan_in + fan_out) * 4 * adapters * cfg.num_layers
+            lora += rank * (fan_in + fan_out) * weight_bytes * adapters * cfg.num_layers
     return lora / 2**20, base / 2**20
 
 
@@ -179,26 +180,34 @@ def lora_megabytes(cfg, rank: int, targets, adapters: int, blocksize: int = 64) 
 MULTI_COLUMNS = ["system", "rows", "multi-adapter ms", "base ms", "base/multi (x of base)", "LoRA MB", "base MB"]
 
 
-def multi_rows(n: int, reps: int, base, hf, rank: int = 16, targets=None) -> list[list[object]]:
+def multi_rows(n: int, reps: int, base, hf, rank: int = 16, targets=None,
+               slot_dtypes: tuple[str, ...] = ("float32",)) -> list[list[object]]:
     """n decode rows over n distinct random LoRAs (r=`rank` on `targets`, default all seven)
-    vs the same rows on the base, Quiver and (with `hf`) PEFT: MULTI_COLUMNS."""
+    vs the same rows on the base: Quiver once per LoRA slot dtype (`--adapter-dtype`), and
+    (with `hf`) PEFT: MULTI_COLUMNS."""
     import tempfile
 
     from bench.adapters import PROJECTIONS
     from runtime.adapters.peft_format import read_adapter
     from runtime.adapters.registry import AdapterRegistry
+    from runtime.models.base import DTYPES
 
     targets = targets or PROJECTIONS
-    reg = AdapterRegistry(base.model, num_slots=n, max_rank=rank)
+    rows = []
     with tempfile.TemporaryDirectory() as root:
         paths = [random_lora_dir(root, i, base.config, rank, targets) for i in range(n)]
-        for i, p in enumerate(paths):
-            reg.add(f"a{i}", read_adapter(p, base.config, max_rank=rank))
-        slots = [reg.acquire(f"a{i}")[0] for i in range(n)]
-        multi = median_time(quiver_step_fn(base.model, n, slots, reg), reps)
-        plain = median_time(quiver_step_fn(base.model, n), reps)
-        lora_mb, base_mb = lora_megabytes(base.config, rank, targets, n)
-        rows = [["quiver", n, multi * 1e3, plain * 1e3, plain / multi, lora_mb, base_mb]]
+        for name in slot_dtypes:
+            dt = DTYPES[name]
+            reg = AdapterRegistry(base.model, num_slots=n, max_rank=rank, weight_dtype=dt)
+            for i, p in enumerate(paths):
+                reg.add(f"a{i}", read_adapter(p, base.config, max_rank=rank))
+            slots = [reg.acquire(f"a{i}")[0] for i in range(n)]
+            multi, plain = paired_median_times([quiver_step_fn(base.model, n, slots, reg),
+                                                quiver_step_fn(base.model, n)], reps)
+            lora_mb, base_mb = lora_megabytes(base.config, rank, targets, n, weight_bytes=dt.itemsize)
+            system = "quiver" if name == "float32" else f"quiver --adapter-dtype {name}"
+            rows.append([system, n, multi * 1e3, plain * 1e3, plain / multi, lora_mb, base_mb])
+        base.model.allocate_lora_slots(n, rank)  # back to the default slots for later sections
         if hf is not None:
             rows.append(peft_row(hf, paths, reps) + [lora_mb, ""])
     return rows
@@ -242,6 +251,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-hf", action="store_true", help="skip transformers / PEFT peers")
     p.add_argument("--lora-rank", type=int, default=16, help="rank of the multi-adapter run's LoRAs (16)")
+    p.add_argument("--adapter-dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                   help="LoRA slot storage of the multi-adapter run, a row each (--adapter-dtype)")
     p.add_argument("--lora-targets", nargs="+", default=None, metavar="PROJ",
                    help="projections they adapt (default: all seven; PEFT's Llama default: q_proj v_proj)")
     args = p.parse_args(argv)
@@ -262,7 +273,7 @@ def main(argv=None) -> int:
         print(f"\nDecode step, {args.adapters} rows over {args.adapters} distinct LoRA adapters "
               f"(r={args.lora_rank}, {' '.join(args.lora_targets)}) vs the same rows on the base (ms):\n")
         print(table(MULTI_COLUMNS, multi_rows(args.adapters, args.reps, base, hf, args.lora_rank,
-                                              args.lora_targets)))
+                                              args.lora_targets, tuple(args.adapter_dtypes))))
     return 0
 
 

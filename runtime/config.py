@@ -16,6 +16,9 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 #: Rotary scaling types whose frequency table is fixed at load time (runtime/nn/rotary.py).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
+#: `--adapter-dtype` choices: how LoRA slot weights are stored (runtime/nn/lora.py LoraSlots)
+ADAPTER_DTYPES = ("float32", "bfloat16")
+
 
 class UnsupportedModelError(ValueError):
     """The base model directory holds something Quiver cannot run; the message says what."""
@@ -224,6 +227,10 @@ class ServerConfig:
     preload: list[str] = field(default_factory=list)  # ids loaded from adapter_dir at start-up
     max_device_adapters: int = 16  # device slots
     max_lora_rank: int = 16  # slot rank: larger LoRA ranks are refused at load
+    #: LoRA slot weights' storage: None = the activations' dtype (fp32 on CPU: PEFT's own, exact);
+    #: "bfloat16" halves the bytes a many-adapter decode step streams (math stays fp32; each
+    #: weight is rounded to bf16 once at load, which loses nothing for adapters saved in bf16)
+    adapter_dtype: str | None = None
     adapter_load_timeout_s: float = 120.0  # a request waiting on a lazy load gives up after this
     #: a store every replica shares (runtime/adapters/s3_store.py): s3://bucket/prefix, read into
     #: adapter_cache_dir; a plain directory here is the same as adapter_dir
@@ -281,6 +288,9 @@ class ServerConfig:
         for name in ("max_file_bytes", "max_file_rows", "max_train_epochs", "max_train_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.adapter_dtype not in (None, *ADAPTER_DTYPES):
+            raise ValueError(f"--adapter-dtype must be one of {', '.join(ADAPTER_DTYPES)}, "
+                             f"not {self.adapter_dtype!r}")
         self._check_store()
         self._check_security()
 

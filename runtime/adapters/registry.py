@@ -27,6 +27,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
+import torch
+
 from runtime.adapters.device import SlotState, clear_slot, write_slot
 from runtime.adapters.types import Adapter
 from runtime.nn.model import DecoderModel
@@ -94,12 +96,14 @@ class AdapterInfo:
 
 
 class AdapterRegistry:
-    def __init__(self, model: DecoderModel, num_slots: int, max_rank: int):
+    def __init__(self, model: DecoderModel, num_slots: int, max_rank: int,
+                 weight_dtype: torch.dtype | None = None):
+        """weight_dtype: the LoRA slots' storage (`--adapter-dtype`; None = the model's dtype)."""
         self.model = model
         self.num_slots = num_slots
         self.max_rank = max_rank
-        if model.num_slots != num_slots:
-            model.allocate_lora_slots(num_slots, max_rank)
+        if model.num_slots != num_slots or model.lora_weight_dtype != (weight_dtype or model.dtype):
+            model.allocate_lora_slots(num_slots, max_rank, weight_dtype=weight_dtype)
         self.none_slot = num_slots  # the always-zero slot
         self._entries: dict[str, Entry] = {}
         self._lru: OrderedDict[int, str] = OrderedDict()  # slot -> id, oldest first

@@ -41,13 +41,18 @@ class LoraSlots(nn.Module):
     """Adapter weights for one projection, one slot per device-resident adapter."""
 
     def __init__(self, in_features: int, out_features: int, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device=None):
+                 dtype: torch.dtype, device=None, weight_dtype: torch.dtype | None = None):
+        """dtype: the activations'; weight_dtype: A and Bt's storage (default dtype). bf16 storage
+        under fp32 activations (`--adapter-dtype bfloat16`) halves the bytes a many-adapter
+        decode step streams; the math stays in `dtype` (weights widen exactly), so the only
+        change is each weight rounded to bf16 once, at load: none for adapters saved in bf16."""
         super().__init__()
         n = num_slots + 1  # + the zero slot
+        wdt = weight_dtype or dtype
         self.num_slots, self.max_rank = num_slots, max_rank
-        self.A = nn.Parameter(torch.zeros(n, max_rank, in_features, dtype=dtype, device=device),
+        self.A = nn.Parameter(torch.zeros(n, max_rank, in_features, dtype=wdt, device=device),
                               requires_grad=False)  # [S+1, r, in]
-        self.Bt = nn.Parameter(torch.zeros(n, max_rank, out_features, dtype=dtype, device=device),
+        self.Bt = nn.Parameter(torch.zeros(n, max_rank, out_features, dtype=wdt, device=device),
                                requires_grad=False)  # [S+1, r, out] (PEFT's lora_B transposed)
         self.register_buffer("scale", torch.zeros(n, dtype=dtype, device=device))  # [S+1]
         self.register_buffer("bias", torch.zeros(n, out_features, dtype=dtype, device=device))
@@ -107,12 +112,15 @@ class LoraSlots(nn.Module):
         self.slot_meta[slot] = torch.tensor([self.ranks[slot], self.scales[slot], self.has_bias[slot]],
                                             dtype=torch.float64)
 
-    def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A^T [in, r], B^T [r, out]) of a slot at its true rank."""
+    def weights(self, slot: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T [in, r], B^T [r, out]) of a slot at its true rank, in `dtype` if given (bf16
+        slots widened for fp32 math: a copy of one slot, only where the dtypes differ)."""
         views = self._views.get(slot)
         if views is None:  # a slot the trainer parametrizes: its tensors change every step
             r = self.ranks[slot]
             views = (self.A[slot, :r].T, self.Bt[slot, :r])
+        if dtype is not None and views[0].dtype != dtype:
+            return views[0].to(dtype), views[1].to(dtype)
         return views
 
     def _apply(self, fn, *args, **kwargs):
@@ -158,10 +166,11 @@ def _rows_kernel(m: LoraSlots, x: torch.Tensor):
 
 def _run_add(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, slot: int) -> torch.Tensor:
     """y + one slot's delta for the tokens of one run: x [n, in], y [n, out] -> [n, out]."""
-    At, Bt = m.weights(slot)  # [in, r], [r, out]
     kernel = _rows_kernel(m, x) if x.shape[0] <= LORA_ROWS_MAX else None
-    if kernel is not None:
+    if kernel is not None:  # reads bf16 slots as they are
+        At, Bt = m.weights(slot)
         return kernel[0](y, x, At.T, Bt, m.scales[slot], m.bias[slot] if m.has_bias[slot] else None)
+    At, Bt = m.weights(slot, x.dtype)  # [in, r], [r, out]
     out = torch.addmm(y, x @ At, Bt, alpha=m.scales[slot])  # y + s * (x A^T) B^T
     return out + m.bias[slot] if m.has_bias[slot] else out
 
@@ -178,7 +187,7 @@ def _add_runs(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, ab: AdapterBatch) 
         kernel[2](y, x, m.A, m.Bt, m.bias, m.slot_meta, ab.short_runs)  # skips untargeted slots
         runs = [r for r in runs if r[2] - r[1] > LORA_ROWS_MAX]
     for slot, a, b in runs:
-        At, Bt = m.weights(slot)
+        At, Bt = m.weights(slot, x.dtype)
         rows = y[a:b]  # a view: the addmm_ writes the run's rows in place
         rows.addmm_(x[a:b] @ At, Bt, alpha=m.scales[slot])
         if m.has_bias[slot]:
@@ -189,8 +198,9 @@ def _add_runs(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, ab: AdapterBatch) 
 def _delta_gather(m: LoraSlots, x: torch.Tensor, ab: AdapterBatch) -> torch.Tensor:
     rows, slots = ab.adapter_rows, ab.adapter_row_slots  # [n], [n]
     out = x.new_zeros(x.shape[0], m.out_features)
-    xa = torch.bmm(m.A[slots], x[rows][:, :, None])  # [n, r, in] @ [n, in, 1] -> [n, r, 1]
-    d = torch.bmm(xa.transpose(1, 2), m.Bt[slots])[:, 0]  # [n, 1, r] @ [n, r, out] -> [n, out]
+    A, Bt = m.A[slots].to(x.dtype), m.Bt[slots].to(x.dtype)  # [n, r, in], [n, r, out] (bf16 slots widened)
+    xa = torch.bmm(A, x[rows][:, :, None])  # [n, r, in] @ [n, in, 1] -> [n, r, 1]
+    d = torch.bmm(xa.transpose(1, 2), Bt)[:, 0]  # [n, 1, r] @ [n, r, out] -> [n, out]
     out[rows] = d * m.scale[slots][:, None] + m.bias[slots]
     return out
 
@@ -200,5 +210,6 @@ def lora_delta_reference(m: LoraSlots, x: torch.Tensor, token_slots: torch.Tenso
     out = x.new_zeros(x.shape[0], m.out_features)
     for t in range(x.shape[0]):
         s = int(token_slots[t])
-        out[t] = m.scale[s] * (m.Bt[s].T @ (m.A[s] @ x[t])) + m.bias[s]  # bias is stored pre-scaled
+        A, Bt = m.A[s].to(x.dtype), m.Bt[s].to(x.dtype)  # bf16 slots: widened, exact
+        out[t] = m.scale[s] * (Bt.T @ (A @ x[t])) + m.bias[s]  # bias is stored pre-scaled
     return out

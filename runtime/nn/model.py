@@ -204,6 +204,7 @@ class DecoderModel(nn.Module):
         self.native: NativeDecode | None = None  # KV-cache steps' layers in C++ (native.py)
         self.embed_lora: EmbeddingLoraSlots | None = None
         self.num_slots, self.max_rank = 0, 0
+        self.lora_weight_dtype = dtype  # LoRA slots' A / B storage (allocate_lora_slots)
         self._linears = {n: m for n, m in self.named_modules() if isinstance(m, AdaptedLinear)}
         self.requires_grad_(False)
 
@@ -212,14 +213,17 @@ class DecoderModel(nn.Module):
         """Every decoder projection by its HF module name (`model.layers.0.mlp.up_proj`)."""
         return self._linears
 
-    def allocate_lora_slots(self, num_slots: int, max_rank: int, targets: set[str] | None = None) -> None:
-        """Preallocate LoRA slot tensors on every projection (or the leaf names in `targets`)."""
+    def allocate_lora_slots(self, num_slots: int, max_rank: int, targets: set[str] | None = None,
+                            weight_dtype: torch.dtype | None = None) -> None:
+        """Preallocate LoRA slot tensors on every projection (or the leaf names in `targets`);
+        weight_dtype: A and B's storage (LoraSlots; None = the model's dtype)."""
         self.num_slots, self.max_rank = num_slots, max_rank
+        self.lora_weight_dtype = weight_dtype or self.dtype
         dev = self.model.norm.weight.device
         for name, lin in self.adapted_linears().items():
             if targets is None or name.rsplit(".", 1)[-1] in targets:
                 lin.lora = LoraSlots(lin.base.in_features, lin.base.out_features, num_slots,
-                                     max_rank, self.dtype, dev)
+                                     max_rank, self.dtype, dev, weight_dtype=self.lora_weight_dtype)
         if self.native is not None:
             self.native.attach_lora(self)
 

@@ -41,7 +41,7 @@ from runtime.adapters.store import open_store
 from runtime.config import ServerConfig
 from runtime.engine.engine import Engine, EngineConfig
 from runtime.engine.loop import EngineLoop
-from runtime.models.base import LoadedBase, load_base
+from runtime.models.base import DTYPES, LoadedBase, load_base
 from runtime.nn.kernels import set_threads
 from runtime.server import auth, tls
 from runtime.server.core import Core
@@ -75,7 +75,8 @@ def build_server(cfg: ServerConfig, base: LoadedBase | None = None,
                    if cfg.tls_cert else None)  # file errors before the slow model load
     set_threads(cfg.threads)
     base = base or load_base(cfg.model, cfg.quantize, cfg.dtype, cfg.device, cfg.nf4_kernel)
-    registry = AdapterRegistry(base.model, num_slots=cfg.max_device_adapters, max_rank=cfg.max_lora_rank)
+    registry = AdapterRegistry(base.model, num_slots=cfg.max_device_adapters, max_rank=cfg.max_lora_rank,
+                               weight_dtype=DTYPES[cfg.adapter_dtype] if cfg.adapter_dtype else None)
     store = open_store(cfg.adapter_dir, cfg.allow_adapter_roots, cfg.adapter_store,
                        cfg.adapter_cache_dir, cfg.s3_endpoint_url)
     loader = AdapterLoader(registry, store, base.config)

@@ -58,6 +58,8 @@ def _network_options(p: argparse.ArgumentParser, d) -> None:
 
 
 def _adapter_and_engine_options(p: argparse.ArgumentParser, d) -> None:
+    from runtime.config import ADAPTER_DTYPES
+
     ad = p.add_argument_group("adapters")
     ad.add_argument("--adapter-dir", default=None,
                     help="directory of PEFT adapters: an unknown adapter id is loaded from "
@@ -79,6 +81,11 @@ def _adapter_and_engine_options(p: argparse.ArgumentParser, d) -> None:
                     help=f"adapters resident on the device at once (default {d.max_device_adapters})")
     ad.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank,
                     help=f"largest LoRA rank accepted; sizes the device slots (default {d.max_lora_rank})")
+    ad.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default=None,
+                    help="LoRA slot weights' storage (default: the activations' dtype, fp32 on CPU). "
+                         "bfloat16 halves the memory a step over many adapters streams; the math "
+                         "stays fp32, each weight is rounded to bf16 once at load (exact for "
+                         "adapters saved in bf16)")
     en = p.add_argument_group("engine")
     en.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                     help=f"tokens per engine step (default {d.max_batch_tokens})")
@@ -157,6 +164,7 @@ def config_from_args(args: argparse.Namespace):
         adapter_store=args.adapter_store, adapter_cache_dir=args.adapter_cache_dir,
         s3_endpoint_url=args.s3_endpoint_url,
         max_device_adapters=args.max_device_adapters, max_lora_rank=args.max_lora_rank,
+        adapter_dtype=args.adapter_dtype,
         max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
         kv_cache_tokens=args.kv_cache_tokens, prefix_cache=args.prefix_cache,
         kv_preallocate=args.kv_preallocate, max_queue=args.max_queue,

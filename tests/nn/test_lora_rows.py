@@ -130,3 +130,69 @@ def test_runs_pass_refuses_what_it_does_not_compute():
     with pytest.raises(RuntimeError, match=r"\[n, 3\] int64"):
         k(y, x, m.A, m.Bt, m.bias, m.slot_meta, torch.tensor([[0, 0, 1]], dtype=torch.int32))
     assert torch.equal(y, torch.zeros(12, 8))  # nothing written by a refused call
+
+
+# ---- bf16 slot storage (`--adapter-dtype bfloat16`) -------------------------------------------
+def bf16_twin(m: LoraSlots) -> tuple[LoraSlots, LoraSlots]:
+    """(fp32 slots, bf16 slots) holding the same bf16-representable weights (m's, rounded)."""
+    out = []
+    for wdt in (torch.float32, torch.bfloat16):
+        t = LoraSlots(m.A.shape[2], m.out_features, m.num_slots, m.max_rank, torch.float32, weight_dtype=wdt)
+        for s, r in enumerate(m.ranks):
+            if r:
+                t.set_slot(s, m.A[s, :r].bfloat16().float(), m.Bt[s, :r].T.bfloat16().float(),
+                           scale=m.scales[s], bias=m.bias[s] / m.scales[s] if m.has_bias[s] else None)
+        out.append(t)
+    assert out[1].A.dtype == out[1].Bt.dtype == torch.bfloat16 and out[1].bias.dtype == torch.float32
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("in_f, out_f, ranks", [(576, 192, [16] * 64), (1536, 576, [16, 8, 0, 1, 4]),
+                                                (7, 5, [2, 3])])
+def test_bf16_slots_give_the_fp32_bits_for_the_same_weights(in_f, out_f, ranks):
+    """The math stays fp32 (bf16 widens exactly): the runs pass, the few-row loop, the matmul
+    runs and the gather path over bf16 slots equal the same paths over fp32 slots holding the
+    same values: the runs pass and the loop to the bit."""
+    f32, b16 = bf16_twin(many_slots(in_f, out_f, ranks, seed=out_f))
+    none = len(ranks)
+    used = {s for s, r in enumerate(ranks) if r}
+    row_slots = sorted(used)
+    lens = [1 + s % LORA_ROWS_MAX for s in row_slots]
+    g = torch.Generator().manual_seed(in_f)
+    x = torch.randn(sum(lens), in_f, generator=g)
+    y = torch.randn(sum(lens), out_f, generator=g)
+    ab = AdapterBatch.build(row_slots, lens, none, lora_slots=used)
+    runs = native.lora_rows_kernel()[2]
+    got, want = y.clone(), y.clone()
+    runs(got, x, b16.A, b16.Bt, b16.bias, b16.slot_meta, ab.short_runs)
+    runs(want, x, f32.A, f32.Bt, f32.bias, f32.slot_meta, ab.short_runs)
+    assert torch.equal(got, want)
+    s = row_slots[0]
+    rows = native.lora_rows_kernel()[0]
+    xs, ys = x[:lens[0]], y[:lens[0]]
+    assert torch.equal(rows(ys, xs, b16.weights(s)[0].T, b16.weights(s)[1], b16.scales[s], b16.bias[s]),
+                       rows(ys, xs, f32.weights(s)[0].T, f32.weights(s)[1], f32.scales[s], f32.bias[s]))
+    long = AdapterBatch.build([s], [LORA_ROWS_MAX + 5], none, lora_slots=used)  # the matmul path
+    xl = torch.randn(LORA_ROWS_MAX + 5, in_f, generator=g)
+    assert torch.equal(lora_delta(b16, xl, long), lora_delta(f32, xl, long))
+    for path in ("gather", "runs"):
+        ab_p = AdapterBatch.build(row_slots, lens, none, lora_slots=used, force_path=path)
+        torch.testing.assert_close(lora_delta(b16, x, ab_p), lora_delta_reference(f32, x, ab_p.token_slots),
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_bf16_slots_round_each_weight_once_and_nothing_else():
+    """Arbitrary fp32 weights in bf16 slots: the delta is the reference's over the rounded
+    weights (to fp32 rounding), and within bf16's rounding of the exact fp32 one."""
+    m = many_slots(576, 192, [16, 8], seed=9)
+    b16 = LoraSlots(576, 192, 2, 16, torch.float32, weight_dtype=torch.bfloat16)
+    for s, r in enumerate(m.ranks):
+        b16.set_slot(s, m.A[s, :r], m.Bt[s, :r].T, scale=m.scales[s], bias=m.bias[s] / m.scales[s] if m.has_bias[s] else None)
+    rounded, _ = bf16_twin(m)  # fp32 slots holding the rounded weights
+    x = torch.randn(6, 576, generator=torch.Generator().manual_seed(4))
+    ab = AdapterBatch.build([0, 1], [3, 3], 2, lora_slots={0, 1})
+    got = lora_delta(b16, x, ab)
+    torch.testing.assert_close(got, lora_delta_reference(rounded, x, ab.token_slots), atol=1e-5, rtol=1e-5)
+    exact = lora_delta_reference(m, x, ab.token_slots)
+    assert not torch.equal(got, exact)  # the rounding is real...
+    torch.testing.assert_close(got, exact, atol=3e-2 * exact.abs().max().item(), rtol=0)  # ...and small

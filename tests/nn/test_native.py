@@ -208,12 +208,13 @@ SLOTS, MAX_RANK = 6, 8
 DORA = {2, 4}  # slots whose weights carry DoRA factors (used as DoRA where a test says so)
 
 
-def with_lora(model: DecoderModel, seed: int = 0, targets: set[str] | None = None) -> dict[str, int]:
+def with_lora(model: DecoderModel, seed: int = 0, targets: set[str] | None = None,
+              weight_dtype: torch.dtype | None = None) -> dict[str, int]:
     """Random LoRA weights in slots 0..4 of every projection (slot 5 empty): ranks differ per
     slot and module, scales are irrational (rslora-like), slot 1 has a LoRA bias, slot 3 targets
     only the MLP. Returns {name: slot}."""
     g = torch.Generator().manual_seed(seed)
-    model.allocate_lora_slots(SLOTS, MAX_RANK, targets)
+    model.allocate_lora_slots(SLOTS, MAX_RANK, targets, weight_dtype=weight_dtype)
     for name, lin in model.adapted_linears().items():
         if lin.lora is None:
             continue
@@ -262,6 +263,28 @@ def test_lora_rows_are_bit_identical_to_the_modules(variant, row_slots, path):
     # and the adapters changed something: the stack is not reading empty slots
     base, _, _ = both_paths_with(model, [5 + 3 * i for i in range(len(row_slots))], None)
     assert not torch.equal(base, ref)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_bf16_slots_in_the_stack_are_bit_identical_to_the_modules(dora):
+    """`--adapter-dtype bfloat16`: the C++ layers read bf16 slots as the modules do (short runs,
+    a long run, DoRA), and both give the bits of fp32 slots holding the same rounded weights."""
+    model = fused_model("qwen2-bias")
+    with_lora(model, weight_dtype=torch.bfloat16)
+    q = model.adapted_linears()["model.layers.0.self_attn.q_proj"].lora
+    assert q.A.dtype == torch.bfloat16 and q.bias.dtype == torch.float32
+    row_slots = [0, 2, 2, SLOTS, 4] + [1] * 9  # short runs, a base row, a run of 9 rows (addmm)
+    ab = AdapterBatch.build(row_slots, [1] * len(row_slots), SLOTS, lora_slots=set(range(5)),
+                            dora_slots=DORA if dora else frozenset())
+    histories = [5 + 3 * i for i in range(len(row_slots))]
+    ref, got, attn = both_paths_with(model, histories, ab)
+    assert native.NativeDecode.takes(attn, ab) and torch.equal(got, ref)
+    bf16_weights = {n: (lin.lora.A.float(), lin.lora.Bt.float()) for n, lin in model.adapted_linears().items()}
+    with_lora(model)  # fp32 slots, then the same rounded weights written over them
+    for n, lin in model.adapted_linears().items():
+        lin.lora.A.copy_(bf16_weights[n][0]), lin.lora.Bt.copy_(bf16_weights[n][1])
+    _, fp32, _ = both_paths_with(model, histories, ab)
+    assert torch.equal(got, fp32)
 
 
 def test_lora_on_some_projections_only():

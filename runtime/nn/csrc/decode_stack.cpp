@@ -80,7 +80,7 @@ struct Fused4bit {
 
 // runtime/nn/lora.py::LoraSlots, by reference (its tensors are updated in place on load)
 struct LoraSlots {
-  at::Tensor A;     // [S+1, R, in]
+  at::Tensor A;     // [S+1, R, in] fp32 or bf16 (--adapter-dtype); everything else fp32
   at::Tensor Bt;    // [S+1, R, out]
   at::Tensor scale; // [S+1]
   at::Tensor bias;  // [S+1, out] (pre-scaled)
@@ -334,7 +334,9 @@ class DecodeStack {
     return y + ((f - 1) * y0 + f * delta);
   }
 
-  // lora.py::_add_runs: the short runs in one pass (csrc/lora_rows.cpp), one addmm per longer run
+  // lora.py::_add_runs: the short runs in one pass (csrc/lora_rows.cpp), one addmm per longer run.
+  // In place: y is always this step's own (a projection's fresh output, or a view of one), so
+  // the modules' defensive clone is not needed here (the same bits either way).
   at::Tensor add_runs(const LoraSlots& m, const at::Tensor& x, at::Tensor y, const StepAdapters& ad) const {
     std::vector<std::array<int64_t, 3>> runs;
     for (const auto& r : ad.runs)
@@ -345,11 +347,14 @@ class DecodeStack {
     if (runs.size() == 1 && runs[0][1] == 0 && runs[0][2] == x.size(0)) {  // one adapter, every row
       const int64_t slot = runs[0][0], r = m.rank(slot);
       at::Tensor A = m.A.select(0, slot).slice(0, 0, r), Bt = m.Bt.select(0, slot).slice(0, 0, r);
-      if (x.size(0) <= quiver::kLoraRowsMax) return quiver::lora_rows(y, x, A, Bt, m.scale_of(slot), bias_of(slot));
+      if (x.size(0) <= quiver::kLoraRowsMax) {
+        quiver::lora_rows_(y, x, A, Bt, m.scale_of(slot), bias_of(slot));
+        return y;
+      }
+      A = A.to(x.scalar_type()), Bt = Bt.to(x.scalar_type());  // bf16 slots: widened (exact), fp32 math
       at::Tensor out = at::addmm(y, x.mm(A.t()), Bt, 1, m.scale_of(slot));
       return m.has_bias(slot) ? out + m.bias.select(0, slot) : out;
     }
-    y = y.clone();
     std::vector<int64_t> short_runs;  // (slot, start, end) flat: csrc/lora_rows.cpp, all at once
     for (const auto& [slot, a, b] : runs) {
       if (b - a <= quiver::kLoraRowsMax) {
@@ -357,7 +362,8 @@ class DecodeStack {
         continue;
       }
       const int64_t r = m.rank(slot);
-      at::Tensor A = m.A.select(0, slot).slice(0, 0, r), Bt = m.Bt.select(0, slot).slice(0, 0, r);
+      at::Tensor A = m.A.select(0, slot).slice(0, 0, r).to(x.scalar_type());  // bf16 slots: widened
+      at::Tensor Bt = m.Bt.select(0, slot).slice(0, 0, r).to(x.scalar_type());
       at::Tensor rows = y.slice(0, a, b);
       rows.addmm_(x.slice(0, a, b).mm(A.t()), Bt, 1, m.scale_of(slot));
       if (m.has_bias(slot)) rows += m.bias.select(0, slot);
