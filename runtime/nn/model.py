@@ -69,6 +69,17 @@ class AdaptedLinear(nn.Module):
             return y
         return self.lora(x, y, ab, self.base.bias)
 
+    def swap_lora(self, slots: LoraSlots | None) -> LoraSlots | None:
+        """Point this projection at other LoRA slots (a training job's, and back); returns the
+        ones it had. Straight into `_modules`, which is where nn.Module's __setattr__ puts a
+        module (or None over one) after its checks: those cost ~1 us a call, and a training
+        slice on the serving base swaps every projection twice (runtime/training/slices.py)."""
+        if "lora" not in self._modules:  # never given slots: a plain attribute, None
+            old, self.lora = self.__dict__.get("lora"), slots
+            return old
+        old, self._modules["lora"] = self._modules["lora"], slots
+        return old
+
 
 class EmbeddingLoraSlots(nn.Module):
     """LoRA on the token embedding: `E[ids] + scale[s] * (A[s].T[ids] @ B[s].T)`."""

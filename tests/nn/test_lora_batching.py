@@ -135,3 +135,20 @@ def test_moved_module_uses_its_new_storage():
     got = lora_delta(m, x, ab)
     assert got.dtype == torch.float64
     assert torch.allclose(got, lora_delta_reference(m, x, ab.token_slots), atol=1e-9, rtol=1e-9)
+
+
+def test_swap_lora_is_setattr_without_the_checks():
+    """AdaptedLinear.swap_lora (a training slice's attach / detach) leaves the module exactly as
+    `lin.lora = slots` would: registered, found by named_modules and .to(), forward using it."""
+    from runtime.nn.model import AdaptedLinear
+
+    lin = AdaptedLinear(torch.nn.Linear(IN, OUT))
+    a, b = LoraSlots(IN, OUT, SLOTS, MAX_R, torch.float32), LoraSlots(IN, OUT, SLOTS, MAX_R, torch.float32)
+    assert lin.swap_lora(a) is None and lin.lora is a  # never had slots: a plain None before
+    assert lin.swap_lora(b) is a and lin.lora is b
+    assert dict(lin.named_modules())["lora"] is b and "lora" not in lin.__dict__
+    assert lin.swap_lora(None) is b and lin.lora is None and "lora" not in dict(lin.named_modules())
+    ref = AdaptedLinear(torch.nn.Linear(IN, OUT))
+    ref.lora = a
+    ref.lora = None  # the same sequence through nn.Module.__setattr__
+    assert ref._modules.keys() == lin._modules.keys() and ref.__dict__.keys() == lin.__dict__.keys()

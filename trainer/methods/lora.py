@@ -156,16 +156,14 @@ class LoraFamilyMethod(AdapterMethod):
     def attach(self, model: DecoderModel) -> None:
         if self._saved_slots is not None:
             return
-        linears = model.adapted_linears()
-        self._saved_slots = {n: lin.lora for n, lin in linears.items()}
-        for name, lin in linears.items():
-            lin.lora = self._slots.get(name)  # untargeted: None (a serving slot 0 must not apply)
+        # untargeted projections get None (a serving slot 0 must not apply)
+        self._saved_slots = {n: lin.swap_lora(self._slots.get(n)) for n, lin in model.adapted_linears().items()}
 
     def detach(self, model: DecoderModel) -> None:
         if self._saved_slots is None:
             return
         for name, lin in model.adapted_linears().items():
-            lin.lora = self._saved_slots[name]
+            lin.swap_lora(self._saved_slots[name])
         self._saved_slots = None
 
     def hidden(self, model: DecoderModel, batch: PackedBatch) -> torch.Tensor:
