@@ -285,14 +285,25 @@ class ServeProcess:
         return [e.data["tokens"] for e in events], [e.data["seconds"] for e in events]
 
     def stream(self, tokens: int) -> list[float]:
-        """One greedy base-model stream of `tokens` tokens: each token's arrival time."""
+        """One greedy base-model stream of `tokens` tokens: each token's arrival time.
+
+        This process's cyclic collector is off while it reads: the process has trained too
+        (`quiver train`), and a full collection over that heap stalls the reader for
+        milliseconds, which would be timed as the server's inter-token gaps."""
+        import gc
+
         times = []
-        chunks = self.client.chat.completions.create(
-            model=self.model, messages=[{"role": "user", "content": "Tell me a long story about a river."}],
-            max_tokens=tokens, temperature=0, stream=True, extra_body={"ignore_eos": True})
-        for chunk in chunks:
-            if chunk.choices and chunk.choices[0].delta.content:
-                times.append(time.perf_counter())
+        gc.collect()
+        gc.disable()
+        try:
+            chunks = self.client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": "Tell me a long story about a river."}],
+                max_tokens=tokens, temperature=0, stream=True, extra_body={"ignore_eos": True})
+            for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    times.append(time.perf_counter())
+        finally:
+            gc.enable()
         return times
 
     def close(self) -> None:

@@ -56,6 +56,8 @@ IDLE_SLICE_S = 0.1
 MIN_SLICE_S = 0.002
 #: a busy slice's budget, in recent serving steps (module docstring)
 SLICE_STEPS = 0.5
+#: the least training time a busy slice is given once its fixed cost is taken off (TimeShare)
+MIN_PIECE_S = 0.0005
 
 
 class TimeShare:
@@ -70,6 +72,12 @@ class TimeShare:
     what it took beyond that is charged to training: the slice's cost includes what it does to
     the step after it (measured: 1-5% of those steps take 3-4x their usual time on a shared
     2-core machine, the other cores' work having moved onto the one the slice left idle).
+
+    `slice_s` is what a busy slice may take on the engine thread, all of it: the piece's own
+    time is that less what slices recently took beyond the time they were given (attaching the
+    adapter, the hand-offs, a stretch past the last pause point: ~0.5-1 ms on the embedded
+    model, a third of a half-step slice), so a slice's wall time, and a stream's gap, is what
+    `slice_steps` says.
     """
 
     def __init__(self, share: float, idle_slice_s: float = IDLE_SLICE_S, min_slice_s: float = MIN_SLICE_S,
@@ -80,6 +88,8 @@ class TimeShare:
         self.slice_steps = slice_steps
         self.credit = 0.0
         self.step_s = 0.0  # moving average of the serving steps' usual durations
+        self.overrun_s = 0.0  # moving average of what busy slices took beyond their budget
+        self._given = 0.0  # the last busy budget handed out
         self._after_slice = False  # the last call was a busy slice
 
     def served(self, step_s: float) -> None:
@@ -102,9 +112,16 @@ class TimeShare:
         return not busy or self.credit >= self.slice_s
 
     def budget(self, busy: bool) -> float:
-        return self.slice_s if busy else self.idle_slice
+        """The piece's time: a busy slice's wall time less its recent fixed cost; idle, IDLE_SLICE_S."""
+        if not busy:
+            return self.idle_slice
+        self._given = max(MIN_PIECE_S, self.slice_s - self.overrun_s)
+        return self._given
 
     def trained(self, busy: bool, seconds: float) -> None:
+        if busy and self._given:
+            over = max(0.0, seconds - self._given)
+            self.overrun_s = 0.7 * self.overrun_s + 0.3 * over
         self.credit = self.credit - seconds if busy else 0.0
         self._after_slice = busy
 

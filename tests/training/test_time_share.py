@@ -104,6 +104,33 @@ def test_the_budget_follows_recent_steps_not_one_long_prefill():
     assert tiny.budget(busy=True) == MIN_SLICE_S
 
 
+def test_a_slices_fixed_cost_comes_off_its_budget():
+    """Slices that take 1 ms beyond the time they are given (attach, hand-offs): the budget
+    shrinks by that much, so a slice's wall time is the half step it should be; a cost above
+    the whole slice leaves MIN_PIECE_S, and the share still holds."""
+    from runtime.training.scheduler import MIN_PIECE_S
+
+    ts = TimeShare(0.3)
+    served = trained = 0.0
+    walls = []
+    for _ in range(2000):
+        ts.served(0.006)
+        served += 0.006
+        if ts.may_train(busy=True):
+            wall = ts.budget(busy=True) + 0.001
+            ts.trained(True, wall)
+            trained += wall
+            walls.append(wall)
+    assert ts.budget(busy=True) == pytest.approx(0.002, rel=0.02)
+    assert walls[-1] == pytest.approx(0.003, rel=0.02)  # half of a 6 ms step, all costs in
+    assert trained / (trained + served) <= 0.3 + 0.01
+    heavy = TimeShare(0.3)
+    for _ in range(50):
+        heavy.served(0.004)
+        heavy.trained(True, heavy.budget(busy=True) + 0.005)
+    assert heavy.budget(busy=True) == MIN_PIECE_S
+
+
 def test_the_slice_is_the_given_part_of_a_step():
     ts = TimeShare(0.3, slice_steps=1.0)
     ts.served(0.01)
