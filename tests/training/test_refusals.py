@@ -224,3 +224,32 @@ def test_grpc_create_job_with_quiver_options(client, server):
     peft = json.loads((config / "adapter_config.json").read_text())
     assert peft["use_dora"] and peft["r"] == 4 and sorted(peft["target_modules"]) == ["q_proj", "v_proj"]
     assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [2, 1]
+
+
+
+@pytest.mark.slow
+def test_an_ended_jobs_objects_are_collected_when_the_engine_is_idle(client, server):
+    """A LoRA job's parametrized slot modules sit in reference cycles (~35k objects on the
+    embedded model); the scheduler collects them at the engine's next idle moment instead of
+    leaving them to the cyclic collector's own timing (a 25-50 ms pause inside some stream).
+    With that collector off here, only the scheduler's collection can free them."""
+    import gc
+    import time
+    import weakref
+
+    f = client.files.create(file=("learn.jsonl", GOOD), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=BASE_ID, training_file=f.id, hyperparameters={"n_epochs": 20})
+    sched = server.core.training.scheduler
+    deadline = time.monotonic() + 30
+    while (sched.active is None or sched.active.run is None) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    slots = weakref.ref(next(iter(sched.active.run.trainer.method._slots.values())))
+    gc.disable()
+    try:
+        client.fine_tuning.jobs.cancel(job.id)
+        deadline = time.monotonic() + 10
+        while slots() is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert slots() is None and sched.active is None
+    finally:
+        gc.enable()
