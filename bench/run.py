@@ -48,7 +48,7 @@ from functools import cached_property
 from pathlib import Path
 
 from bench.adapters import TYPES, write_random_adapter
-from bench.common import goal_line, machine_line, median_time, table, versions_line
+from bench.common import goal_line, machine_line, median_time, paired_median_times, table, versions_line
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -301,8 +301,8 @@ def sec_floor(rep: Report, lab: Lab) -> None:
     hf = lab.hf() if sz.peers else None
     rows = []
     for b in sz.floor_batches:
-        step = median_time(quiver_step_fn(model, b), sz.decode_reps, sz.decode_warmup)
-        floor = median_time(floor_fn(model, b), sz.decode_reps, sz.decode_warmup)
+        step, floor = paired_median_times([quiver_step_fn(model, b), floor_fn(model, b)], sz.decode_reps,
+                                          sz.decode_warmup)
         hf_t = median_time(hf_step_fn(hf, b), sz.step_reps) if hf is not None else float("nan")
         rows.append([b, step * 1e3, floor * 1e3, step / floor, hf_t * 1e3, hf_t / step])
     del hf
@@ -326,7 +326,9 @@ def sec_floor(rep: Report, lab: Lab) -> None:
                 f"plus the lm_head matmul (int8 / bf16 by batch); "
                 f"and the same decode step in transformers + bnb (same NF4 config, its KV cache, its "
                 f"fused path on this CPU). Quiver and the floor: median of {sz.decode_reps} after "
-                f"{sz.decode_warmup} warm-up steps; transformers: {reps_note(sz.step_reps)}. Goals: step <= 1.3x "
+                f"{sz.decode_warmup} warm-up steps each, timed in turns (step, floor, step, ...: the "
+                f"machine's pace drifts between seconds); transformers: {reps_note(sz.step_reps)}. "
+                f"Goals: step <= 1.3x "
                 f"floor at batch 1 and 32; faster than transformers at every batch.\n\n"
                 + table(["batch", "quiver step ms", "floor ms", "step/floor", "transformers step ms",
                          "transformers/quiver"], rows) + "\n\n" + "\n".join(verdicts) + "\n\n" + img)
