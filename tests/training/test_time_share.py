@@ -21,6 +21,19 @@ def _busy_share(share: float, step_s: float, slice_s: float, rounds: int = 20_00
     return trained / (trained + served)
 
 
+def _traffic(ts: TimeShare, steps: int, step_s: float, fixed_cost_s: float = 0.0) -> tuple[float, list[float]]:
+    """`steps` serving steps of `step_s`, a slice after each one the credit allows, each taking
+    its budget plus `fixed_cost_s`: (time served, the slices' wall times)."""
+    served, walls = 0.0, []
+    for _ in range(steps):
+        ts.served(step_s)
+        served += step_s
+        if ts.may_train(busy=True):
+            walls.append(ts.budget(busy=True) + fixed_cost_s)
+            ts.trained(True, walls[-1])
+    return served, walls
+
+
 @pytest.mark.parametrize("share, step_s, slice_s", [
     (0.3, 0.010, 0.030),   # slices longer than a step: one slice every few steps
     (0.3, 0.010, 0.002),   # slices shorter than a step: capped by the credit, not by the count
@@ -77,17 +90,9 @@ def test_a_burst_gets_half_step_slices_at_most_the_share_of_its_time():
     a step's budget, together at most the share of the burst's time."""
     ts = TimeShare(0.3)
     ts.trained(False, IDLE_SLICE_S)
-    served = trained = 0.0
-    budgets = []
-    for _ in range(48):
-        ts.served(0.005)
-        served += 0.005
-        if ts.may_train(busy=True):
-            budgets.append(ts.budget(busy=True))
-            ts.trained(True, budgets[-1])
-            trained += budgets[-1]
+    served, budgets = _traffic(ts, 48, 0.005)
     assert budgets and all(b == pytest.approx(0.0025) for b in budgets)
-    assert trained / (trained + served) <= 0.3 + 0.01
+    assert sum(budgets) / (sum(budgets) + served) <= 0.3 + 0.01
 
 
 def test_the_budget_follows_recent_steps_not_one_long_prefill():
@@ -111,19 +116,10 @@ def test_a_slices_fixed_cost_comes_off_its_budget():
     from runtime.training.scheduler import MIN_PIECE_S
 
     ts = TimeShare(0.3)
-    served = trained = 0.0
-    walls = []
-    for _ in range(2000):
-        ts.served(0.006)
-        served += 0.006
-        if ts.may_train(busy=True):
-            wall = ts.budget(busy=True) + 0.001
-            ts.trained(True, wall)
-            trained += wall
-            walls.append(wall)
+    served, walls = _traffic(ts, 2000, 0.006, fixed_cost_s=0.001)
     assert ts.budget(busy=True) == pytest.approx(0.002, rel=0.02)
     assert walls[-1] == pytest.approx(0.003, rel=0.02)  # half of a 6 ms step, all costs in
-    assert trained / (trained + served) <= 0.3 + 0.01
+    assert sum(walls) / (sum(walls) + served) <= 0.3 + 0.01
     heavy = TimeShare(0.3)
     for _ in range(50):
         heavy.served(0.004)
