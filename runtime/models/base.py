@@ -94,8 +94,11 @@ class LoadedBase:
         """What computes what, for the start-up line and `quiver info`."""
         kernels = ", ".join(f"{n} x{c}" for n, c in sorted(self.model.kernels.items())) or "none"
         decode = "C++ layers" if self.model.native is not None else "Python modules"
+        slots = ""
+        if self.model.num_slots:  # once a registry has allocated them (--adapter-dtype)
+            slots = f"; LoRA slots {str(self.model.lora_weight_dtype).removeprefix('torch.')}"
         return (f"projections: {kernels}; activations {str(self.dtype).removeprefix('torch.')}; "
-                f"lm_head {self.model.head_kernel}; decode steps: {decode}")
+                f"lm_head {self.model.head_kernel}; decode steps: {decode}{slots}")
 
 
 def load_base(model: str | None = None, quantize: str = "nf4", dtype: str | None = None,

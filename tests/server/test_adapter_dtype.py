@@ -42,6 +42,7 @@ def test_bf16_slots_equal_peft_on_adapters_saved_in_bf16(tiny_model_dir, tiny_hf
     with running_server(tiny_model_dir, adapter_dir=str(bf16_adapter_dir), adapter_dtype="bfloat16") as srv:
         lora = srv.core.base.model.adapted_linears()["model.layers.0.self_attn.q_proj"].lora
         assert lora.A.dtype == lora.Bt.dtype == torch.bfloat16 and lora.bias.dtype == torch.float32
+        assert srv.core.base.kernel_line().endswith("; LoRA slots bfloat16")  # the start-up line says so
         with QuiverClient(srv.address, timeout=120) as client:
             for a in BF16_EXACT:
                 resp = client.generate(words(IDS), a, max_new_tokens=8, ignore_eos=True, return_token_ids=True)
