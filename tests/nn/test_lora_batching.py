@@ -25,6 +25,13 @@ def filled_slots(seed: int, ranks: list[int], dora: list[bool]) -> LoraSlots:
     return m
 
 
+def _fp32_atol(ref: torch.Tensor) -> float:
+    """fp32 rounding of sums whose terms reach the output's scale: 1e-6 of its largest value (an
+    element near zero next to ones near 90, seed 10000, differs by 1.4e-5 between bmm and a
+    matrix-vector product), and never below 1e-5."""
+    return max(1e-5, 1e-6 * ref.abs().max().item())
+
+
 batches = st.fixed_dictionaries({
     "seed": st.integers(0, 10_000),
     "ranks": st.lists(st.integers(0, MAX_R), min_size=SLOTS, max_size=SLOTS),
@@ -47,7 +54,7 @@ def test_delta_fast_paths_equal_reference(case):
         got = lora_delta(m, x, ab)
         if ref is None:
             ref = lora_delta_reference(m, x, ab.token_slots)
-        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), path
+        assert torch.allclose(got, ref, atol=_fp32_atol(ref), rtol=1e-5), path
 
 
 @settings(max_examples=30, deadline=None)
@@ -70,7 +77,7 @@ def test_dora_combination_equals_reference(case):
         s = int(ab.token_slots[t])
         f = m.dora[s] if s in dora else torch.ones(OUT)
         expected[t] = y[t] + ((f - 1) * (y[t] - b0) + f * delta[t])
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(got, expected, atol=_fp32_atol(expected), rtol=1e-5)
 
 
 def test_zero_slot_and_untargeted_rows_add_nothing():
@@ -112,7 +119,7 @@ def test_path_choice():
     (a bf16 step), gather many single-token runs."""
     prefill = AdapterBatch.build([0, 1], [50, 40], SLOTS, lora_slots={0, 1})
     decode = AdapterBatch.build(list(range(SLOTS)), [1] * SLOTS, SLOTS, lora_slots=set(range(SLOTS)))
-    expected = "runs" if native.lora_rows_kernel() is not None else "gather"
+    expected = "runs" if native.lora_runs_kernel() is not None else "gather"
     assert (prefill.path, decode.path) == ("runs", expected)
     assert decode.short_runs.tolist() == [[s, s, s + 1] for s in range(SLOTS)]
     assert prefill.short_runs.shape == (0, 3)  # prompt chunks: the matmuls
