@@ -22,9 +22,7 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"  // (immintrin.h with it)
 
 namespace quiver {
 
@@ -68,8 +66,7 @@ void convert_and_select(const at::BFloat16* src, float* dst, int64_t V, int64_t 
   int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   for (; i + 16 <= V; i += 16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    const __m512 v = simd::from_bf16_16(src + i);
     _mm512_storeu_ps(dst + i, v);
     __mmask16 above = _mm512_cmp_ps_mask(v, _mm512_set1_ps(thresh), _CMP_GT_OQ);
     while (above) {  // rare once the heap is full: a lane above the k-th largest so far

@@ -27,9 +27,7 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace quiver {
 
@@ -55,15 +53,9 @@ inline float widen(at::BFloat16 w) { return static_cast<float>(w); }
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define QUIVER_LORA_AVX512 1
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+inline __m512 load16(const at::BFloat16* p) { return simd::from_bf16_16(p); }
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) { return simd::from_bf16_16(p, m); }
 #endif
 
 // a . b over n elements (a: slot weights, b: fp32 activations). Four accumulators: one chain
@@ -147,11 +139,14 @@ void run_rows(float* out, int64_t out_stride, const float* y, int64_t y_stride, 
   }
 }
 
-// A and Bt: one weight dtype, fp32 or bf16
-void check_weights(const at::Tensor& A, const at::Tensor& Bt) {
+// f(A's data, Bt's data) as float* or at::BFloat16*: A and Bt share one weight dtype, fp32 or bf16
+template <typename F>
+void with_weights(const at::Tensor& A, const at::Tensor& Bt, F&& f) {
   TORCH_CHECK(A.scalar_type() == Bt.scalar_type() &&
                   (A.scalar_type() == at::kFloat || A.scalar_type() == at::kBFloat16),
               "LoRA: A and Bt must both be fp32 or both bf16");
+  if (A.scalar_type() == at::kFloat) f(A.data_ptr<float>(), Bt.data_ptr<float>());
+  else f(A.data_ptr<at::BFloat16>(), Bt.data_ptr<at::BFloat16>());
 }
 
 }  // namespace
@@ -159,7 +154,6 @@ void check_weights(const at::Tensor& A, const at::Tensor& Bt) {
 void lora_rows_into(at::Tensor& out, const at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
                     const at::Tensor& Bt, double scale, const std::optional<at::Tensor>& bias) {
   check_rows(out, "out"), check_rows(y, "y"), check_rows(x, "x");
-  check_weights(A, Bt);
   TORCH_CHECK(A.dim() == 2 && Bt.dim() == 2 && A.stride(1) == 1 && Bt.stride(1) == 1,
               "LoRA rows: A and Bt must be 2-D with contiguous rows");
   const int64_t n = x.size(0), in = x.size(1), r = A.size(0), on = Bt.size(1);
@@ -173,16 +167,14 @@ void lora_rows_into(at::Tensor& out, const at::Tensor& y, const at::Tensor& x, c
     bp = bias->data_ptr<float>();
   }
   std::vector<float> xa(kRunRowsMax * r);
-  auto run = [&](auto* Ap, auto* Bp) {
+  with_weights(A, Bt, [&](auto* Ap, auto* Bp) {
     for (int64_t a = 0; a < n; a += kRunRowsMax) {
       const int64_t m = std::min(kRunRowsMax, n - a);
       run_rows(out.data_ptr<float>() + a * out.stride(0), out.stride(0), y.data_ptr<float>() + a * y.stride(0),
                y.stride(0), x.data_ptr<float>() + a * x.stride(0), x.stride(0), m, in, Ap, A.stride(0), r, Bp,
                Bt.stride(0), on, static_cast<float>(scale), bp, xa.data());
     }
-  };
-  if (A.scalar_type() == at::kFloat) run(A.data_ptr<float>(), Bt.data_ptr<float>());
-  else run(A.data_ptr<at::BFloat16>(), Bt.data_ptr<at::BFloat16>());
+  });
 }
 
 at::Tensor lora_rows(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
@@ -200,7 +192,6 @@ void lora_rows_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at
 void lora_runs_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
                     const at::Tensor& bias, const at::Tensor& meta, const int64_t* runs, int64_t num_runs) {
   check_rows(y, "y"), check_rows(x, "x");
-  check_weights(A, Bt);
   TORCH_CHECK(A.dim() == 3 && Bt.dim() == 3 && A.is_contiguous() && Bt.is_contiguous(),
               "LoRA runs: A [S+1, R, in] and Bt [S+1, R, out] must be contiguous");
   const int64_t slots = A.size(0), R = A.size(1), in = A.size(2), on = Bt.size(2), T = x.size(0);
@@ -225,7 +216,7 @@ void lora_runs_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, con
   const float* xp = x.data_ptr<float>();
   const float* biasp = bias.data_ptr<float>();
   const int64_t ys = y.stride(0), xs = x.stride(0);
-  auto pass = [&](auto* Ap, auto* Bp) {
+  with_weights(A, Bt, [&](auto* Ap, auto* Bp) {
     at::parallel_for(0, num_runs, bytes < kParallelBytes ? num_runs : 1, [&](int64_t begin, int64_t end) {
       std::vector<float> xa(kRunRowsMax * R);
       for (int64_t i = begin; i < end; ++i) {
@@ -237,9 +228,7 @@ void lora_runs_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, con
                  Bp + slot * R * on, on, on, static_cast<float>(mp[3 * slot + 1]), bp, xa.data());
       }
     });
-  };
-  if (A.scalar_type() == at::kFloat) pass(A.data_ptr<float>(), Bt.data_ptr<float>());
-  else pass(A.data_ptr<at::BFloat16>(), Bt.data_ptr<at::BFloat16>());
+  });
 }
 
 void lora_runs_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,

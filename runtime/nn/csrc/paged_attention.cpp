@@ -18,9 +18,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"  // (immintrin.h with it)
 
 namespace quiver {
 namespace {
@@ -54,29 +52,6 @@ inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 }
 #endif
 
-#if defined(__AVX512F__)
-// exp(x) for 16 lanes, x <= 0 (softmax after subtracting the max): x = n ln2 + r with
-// |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7 there),
-// scaled by 2^n through the exponent bits; below -87 the result flushes to 0.
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.0f);
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2, split in two
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);   // for exactness
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~tiny), p, _mm512_castsi512_ps(bits));
-}
-#endif
 
 // s[i] = exp(s[i] - mx) for i < n; returns their sum
 inline float exp_shifted(float* s, int64_t n, float mx) {
@@ -86,7 +61,7 @@ inline float exp_shifted(float* s, int64_t n, float mx) {
   __m512 acc = _mm512_setzero_ps();
   const __m512 m = _mm512_set1_ps(mx);
   for (; i + 16 <= n; i += 16) {
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + i), m));
+    const __m512 e = simd::exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), m));
     _mm512_storeu_ps(s + i, e);
     acc = _mm512_add_ps(acc, e);
   }
