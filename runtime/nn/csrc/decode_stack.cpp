@@ -55,7 +55,7 @@ void lora_runs_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at
                 const at::Tensor& bias, const at::Tensor& meta, const at::Tensor& runs);
 // csrc/lm_head.cpp
 at::Tensor lm_head_refine(const at::Tensor& approx, const at::Tensor& x, const at::Tensor& W, int64_t k);
-// up to this many rows a run's LoRA takes lora_rows (lora.py: LORA_ROWS_MAX)
+// up to this many rows a run's LoRA takes csrc/lora_rows.cpp's pass (lora.py: LORA_ROWS_MAX)
 constexpr int64_t kLoraRowsMax = 8;
 }  // namespace quiver
 
@@ -117,7 +117,11 @@ struct StepAdapters {
   int64_t path = 0;  // 0: no LoRA rows; 1: runs
   bool any_dora = false;
   at::Tensor token_slots;  // [T] slot per token (DoRA's factor rows)
-  std::vector<std::array<int64_t, 3>> runs;  // (slot, start, end)
+  // the step's runs (slot, start, end), split once for every projection: those of up to
+  // kLoraRowsMax rows flat for csrc/lora_rows.cpp's pass (which skips slots of rank 0), the
+  // longer ones (prompt chunks) for one addmm each
+  std::vector<int64_t> short_runs;
+  std::vector<std::array<int64_t, 3>> long_runs;
 };
 
 Fused4bit make_fused(at::Tensor packed, at::Tensor absmax, std::optional<at::Tensor> bias,
@@ -217,7 +221,11 @@ class DecodeStack {
     if (lora_path == 1) {
       const at::Tensor r = runs->contiguous();
       const int64_t* p = r.data_ptr<int64_t>();
-      for (int64_t i = 0; i < r.size(0); ++i) ad.runs.push_back({p[3 * i], p[3 * i + 1], p[3 * i + 2]});
+      for (int64_t i = 0; i < r.size(0); ++i) {
+        const int64_t slot = p[3 * i], a = p[3 * i + 1], b = p[3 * i + 2];
+        if (b - a <= quiver::kLoraRowsMax) ad.short_runs.insert(ad.short_runs.end(), {slot, a, b});
+        else ad.long_runs.push_back({slot, a, b});
+      }
     }
     for (int64_t i = 0; i < num_layers(); ++i) {
       const Layer& l = layers_[i];
@@ -338,39 +346,18 @@ class DecodeStack {
   // In place: y is always this step's own (a projection's fresh output, or a view of one), so
   // the modules' defensive clone is not needed here (the same bits either way).
   at::Tensor add_runs(const LoraSlots& m, const at::Tensor& x, at::Tensor y, const StepAdapters& ad) const {
-    std::vector<std::array<int64_t, 3>> runs;
-    for (const auto& r : ad.runs)
-      if (m.rank(r[0])) runs.push_back(r);  // the slots this projection targets
-    auto bias_of = [&](int64_t slot) {
-      return m.has_bias(slot) ? std::optional<at::Tensor>(m.bias.select(0, slot)) : std::nullopt;
-    };
-    if (runs.size() == 1 && runs[0][1] == 0 && runs[0][2] == x.size(0)) {  // one adapter, every row
-      const int64_t slot = runs[0][0], r = m.rank(slot);
-      at::Tensor A = m.A.select(0, slot).slice(0, 0, r), Bt = m.Bt.select(0, slot).slice(0, 0, r);
-      if (x.size(0) <= quiver::kLoraRowsMax) {
-        quiver::lora_rows_(y, x, A, Bt, m.scale_of(slot), bias_of(slot));
-        return y;
-      }
-      A = A.to(x.scalar_type()), Bt = Bt.to(x.scalar_type());  // bf16 slots: widened (exact), fp32 math
-      at::Tensor out = at::addmm(y, x.mm(A.t()), Bt, 1, m.scale_of(slot));
-      return m.has_bias(slot) ? out + m.bias.select(0, slot) : out;
-    }
-    std::vector<int64_t> short_runs;  // (slot, start, end) flat: csrc/lora_rows.cpp, all at once
-    for (const auto& [slot, a, b] : runs) {
-      if (b - a <= quiver::kLoraRowsMax) {
-        short_runs.insert(short_runs.end(), {slot, a, b});
-        continue;
-      }
+    for (const auto& [slot, a, b] : ad.long_runs) {
       const int64_t r = m.rank(slot);
+      if (r == 0) continue;  // a slot this projection does not target
       at::Tensor A = m.A.select(0, slot).slice(0, 0, r).to(x.scalar_type());  // bf16 slots: widened
       at::Tensor Bt = m.Bt.select(0, slot).slice(0, 0, r).to(x.scalar_type());
       at::Tensor rows = y.slice(0, a, b);
       rows.addmm_(x.slice(0, a, b).mm(A.t()), Bt, 1, m.scale_of(slot));
       if (m.has_bias(slot)) rows += m.bias.select(0, slot);
     }
-    if (!short_runs.empty())
-      quiver::lora_runs_into(y, x, m.A, m.Bt, m.bias, m.meta, short_runs.data(),
-                             static_cast<int64_t>(short_runs.size() / 3));
+    if (!ad.short_runs.empty())
+      quiver::lora_runs_into(y, x, m.A, m.Bt, m.bias, m.meta, ad.short_runs.data(),
+                             static_cast<int64_t>(ad.short_runs.size() / 3));
     return y;
   }
 
