@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.nn.native import lora_runs_kernel
+
 #: Use the gather path when the step has at least this many runs and on average fewer than
 #: GATHER_MAX_TOKENS_PER_RUN tokens per run, on CUDA, or on CPU without the C++ runs pass.
 #: With it, CPU never gathers: the pass measured faster at every mix (8..64 distinct adapters,
@@ -83,7 +85,7 @@ class AdapterBatch:
         token_slots = torch.tensor(per_token, dtype=torch.long)
         rows = (token_slots != none_slot).nonzero()[:, 0]
         dev_type = torch.device(device or "cpu").type
-        runs_kernel = dtype == torch.float32 and _runs_kernel_built()
+        runs_kernel = dtype == torch.float32 and lora_runs_kernel() is not None
         path = "gather" if prefer_gather(len(runs), rows.numel(), dev_type, runs_kernel) else "runs"
         if force_path is not None:
             if force_path not in ("runs", "gather"):
@@ -102,8 +104,3 @@ class AdapterBatch:
             any_embedding=bool(used & set(embedding_slots)),
         )
 
-
-def _runs_kernel_built() -> bool:
-    from runtime.nn.native import lora_rows_kernel
-
-    return lora_rows_kernel() is not None

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from runtime.nn.adapter_batch import LORA_ROWS_MAX, AdapterBatch
-from runtime.nn.native import lora_rows_kernel
+from runtime.nn.native import lora_rows_kernel, lora_runs_kernel
 
 
 class LoraSlots(nn.Module):
@@ -154,22 +154,20 @@ def _targeted_runs(m: LoraSlots, ab: AdapterBatch) -> list[tuple[int, int, int]]
     return [(slot, a, b) for slot, a, b in ab.runs if m.ranks[slot]]  # slots this module targets
 
 
-def _rows_kernel(m: LoraSlots, x: torch.Tensor):
-    """csrc/lora_rows.cpp's (lora_rows, lora_rows_, lora_runs_) where few-row runs may take
-    it (CPU fp32 without autograd: two matmuls' dispatch cost more than their math), else None."""
+def _native_rows(m: LoraSlots, x: torch.Tensor) -> bool:
+    """Few-row runs may take csrc/lora_rows.cpp (CPU fp32 without autograd: two matmuls'
+    dispatch cost more than their math; training's matmuls carry the gradients)."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or m.A.requires_grad or m.Bt.requires_grad):
-        return None  # training: the matmuls carry the gradients
-    return lora_rows_kernel()
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or m.A.requires_grad or m.Bt.requires_grad))
 
 
 def _run_add(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, slot: int) -> torch.Tensor:
     """y + one slot's delta for the tokens of one run: x [n, in], y [n, out] -> [n, out]."""
-    kernel = _rows_kernel(m, x) if x.shape[0] <= LORA_ROWS_MAX else None
+    kernel = lora_rows_kernel() if x.shape[0] <= LORA_ROWS_MAX and _native_rows(m, x) else None
     if kernel is not None:  # reads bf16 slots as they are
         At, Bt = m.weights(slot)
-        return kernel[0](y, x, At.T, Bt, m.scales[slot], m.bias[slot] if m.has_bias[slot] else None)
+        return kernel(y, x, At.T, Bt, m.scales[slot], m.bias[slot] if m.has_bias[slot] else None)
     At, Bt = m.weights(slot, x.dtype)  # [in, r], [r, out]
     out = torch.addmm(y, x @ At, Bt, alpha=m.scales[slot])  # y + s * (x A^T) B^T
     return out + m.bias[slot] if m.has_bias[slot] else out
@@ -182,9 +180,9 @@ def _add_runs(m: LoraSlots, x: torch.Tensor, y: torch.Tensor, ab: AdapterBatch) 
     if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == x.shape[0]:
         return _run_add(m, x, y, runs[0][0])  # one adapter over every token: training, identical
     y = y.clone()  # the caller's y stays as it was
-    kernel = _rows_kernel(m, x)
+    kernel = lora_runs_kernel() if _native_rows(m, x) else None
     if kernel is not None and ab.short_runs.numel():
-        kernel[2](y, x, m.A, m.Bt, m.bias, m.slot_meta, ab.short_runs)  # skips untargeted slots
+        kernel(y, x, m.A, m.Bt, m.bias, m.slot_meta, ab.short_runs)  # skips untargeted slots
         runs = [r for r in runs if r[2] - r[1] > LORA_ROWS_MAX]
     for slot, a, b in runs:
         At, Bt = m.weights(slot, x.dtype)

@@ -211,10 +211,13 @@ def argmax_kernel():
 
 
 def lora_rows_kernel():
-    """csrc/lora_rows.cpp's (lora_rows, lora_rows_) for a few rows of one adapter and lora_runs_
-    for every short run of a step, or None."""
-    ext = extension()
-    return None if ext is None else (ext.lora_rows, ext.lora_rows_, ext.lora_runs_)
+    """csrc/lora_rows.cpp's lora_rows (y + the delta of a few rows of one adapter), or None."""
+    return op("lora_rows")
+
+
+def lora_runs_kernel():
+    """csrc/lora_rows.cpp's lora_runs_ (every short run of a step, in place), or None."""
+    return op("lora_runs_")
 
 
 def lm_head_refine_kernel():

@@ -30,7 +30,7 @@ def test_rows_equal_the_reference(in_f, out_f, rank, rows, bias):
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
     y = torch.randn(rows, out_f)
     At, Bt = m.weights(1)
-    got = native.lora_rows_kernel()[0](y, x, At.T, Bt, m.scales[1], m.bias[1] if bias else None)
+    got = native.lora_rows_kernel()(y, x, At.T, Bt, m.scales[1], m.bias[1] if bias else None)
     ref = y + lora_delta_reference(m, x, torch.full((rows,), 1))
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
 
@@ -43,7 +43,7 @@ def test_in_place_on_a_view_with_a_row_stride():
     expected = y + lora_delta_reference(m, x, torch.full((5,), 1))
     untouched = wide[:, :20].clone()
     At, Bt = m.weights(1)
-    native.lora_rows_kernel()[1](y, x, At.T, Bt, m.scales[1], m.bias[1])
+    native.op("lora_rows_")(y, x, At.T, Bt, m.scales[1], m.bias[1])
     torch.testing.assert_close(wide[:, 20:68], expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(wide[:, :20], untouched)
 
@@ -69,7 +69,7 @@ def test_gradients_still_flow_through_the_matmuls():
 
 
 def test_shape_errors_are_errors():
-    k = native.lora_rows_kernel()[0]
+    k = native.lora_rows_kernel()
     with pytest.raises(RuntimeError, match="shapes"):
         k(torch.zeros(2, 8), torch.zeros(2, 4), torch.zeros(3, 5), torch.zeros(3, 8), 1.0, None)
     with pytest.raises(RuntimeError, match="contiguous rows"):
@@ -110,14 +110,14 @@ def test_runs_pass_equals_the_reference(in_f, out_f, ranks):
     y = torch.randn(sum(lens), out_f, generator=g)
     expected = y + lora_delta_reference(m, x, ab.token_slots)
     got = y.clone()
-    native.lora_rows_kernel()[2](got, x, m.A, m.Bt, m.bias, m.slot_meta, ab.short_runs)
+    native.lora_runs_kernel()(got, x, m.A, m.Bt, m.bias, m.slot_meta, ab.short_runs)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(lora_delta(m, x, ab), expected - y, atol=1e-4, rtol=1e-5)
 
 
 def test_runs_pass_refuses_what_it_does_not_compute():
     m = many_slots(16, 8, [4, 4], seed=5)
-    k = native.lora_rows_kernel()[2]
+    k = native.lora_runs_kernel()
     x, y = torch.zeros(12, 16), torch.zeros(12, 8)
     with pytest.raises(RuntimeError, match="longer than 8 rows"):
         k(y, x, m.A, m.Bt, m.bias, m.slot_meta, torch.tensor([[0, 0, 9]]))
@@ -162,13 +162,13 @@ def test_bf16_slots_give_the_fp32_bits_for_the_same_weights(in_f, out_f, ranks):
     x = torch.randn(sum(lens), in_f, generator=g)
     y = torch.randn(sum(lens), out_f, generator=g)
     ab = AdapterBatch.build(row_slots, lens, none, lora_slots=used)
-    runs = native.lora_rows_kernel()[2]
+    runs = native.lora_runs_kernel()
     got, want = y.clone(), y.clone()
     runs(got, x, b16.A, b16.Bt, b16.bias, b16.slot_meta, ab.short_runs)
     runs(want, x, f32.A, f32.Bt, f32.bias, f32.slot_meta, ab.short_runs)
     assert torch.equal(got, want)
     s = row_slots[0]
-    rows = native.lora_rows_kernel()[0]
+    rows = native.lora_rows_kernel()
     xs, ys = x[:lens[0]], y[:lens[0]]
     assert torch.equal(rows(ys, xs, b16.weights(s)[0].T, b16.weights(s)[1], b16.scales[s], b16.bias[s]),
                        rows(ys, xs, f32.weights(s)[0].T, f32.weights(s)[1], f32.scales[s], f32.bias[s]))
