@@ -20,7 +20,8 @@ piece, on the server's own base (`resident=True`: the server's thread settings a
 
 Pause points (`pauses`): a step calls `pauses.pause_point()` between its parts, so that a job in
 the server can hand the engine thread back there (runtime/training/pieces.py), and runs the
-blocking writes of a checkpoint through `pauses.outside(fn)`. For `quiver train` both are plain
+blocking writes of a checkpoint through `pauses.outside(fn)`; `setup` (between the projections
+the method builds) and `finish` (the final eval, the export's writes) do the same. For `quiver train` both are plain
 (`NoPauses`). The parts are small on purpose: the loss over the vocabulary a slice at a time
 (trainer/loss.py), clipping and the optimizer step a chunk of parameters at a time
 (trainer/optim.py), the checkpoint's state file a record at a time. None of it changes what is
@@ -110,14 +111,17 @@ class Trainer:
         self.train_examples, self.eval_examples = self._examples or read_examples(cfg, self.base)
         self.schedule = Schedule(len(self.train_examples), cfg.batch_size, cfg.grad_accum, cfg.seed)
         self.total_steps = self.schedule.total_steps(cfg.epochs, cfg.max_steps)
-        self.method = build_method(cfg, self.model, self.base.tokenizer, self.total_steps)
+        pause = self.pauses.pause_point  # between the method's projections and the phases here
+        self.method = build_method(cfg, self.model, self.base.tokenizer, self.total_steps, pause)
         self.params = self.method.adapter_params()
         if not self.params:
             raise TrainConfigError(f"--method {cfg.method} has no trainable parameters with these settings")
+        pause()
         self.attach()
         self.optimizer = make_optimizer(cfg, self.params, self.device)
         self.summary.total_steps = self.total_steps
         if cfg.resume:
+            pause()
             self._load_checkpoint(resolve_checkpoint(cfg))
         log.info("training %s: %d trainable parameters, %d examples, %d steps", cfg.method,
                  sum(p.numel() for p in self.params), len(self.train_examples), self.total_steps)
@@ -160,7 +164,9 @@ class Trainer:
         --output); returns the directory written."""
         if self.eval_examples and (not self.eval_history or self.eval_history[-1][0] != self.step):
             self._record_eval()
-        return export_adapter(self.method, out_dir or self.cfg.output, self.cfg, self._finish_summary())
+        self.pauses.pause_point()
+        return export_adapter(self.method, out_dir or self.cfg.output, self.cfg, self._finish_summary(),
+                              self.pauses.outside)
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer step over grad_accum packed micro-batches: (mean token loss, tokens)."""

@@ -5,10 +5,14 @@
         engine is idle (busy=False); every call runs on the engine thread.
 
 A call does at most one of: pick up the next queued job (its files are tokenized on a helper
-thread, the `validating_files` phase, so the engine never waits on that), start a prepared job
-(adapter + optimizer built, or restored from the job's last checkpoint), run one training slice
-(one piece of an optimizer step, of bounded time: slices.py, pieces.py), or finish a job
-(export, publish, record). Which job: the oldest pending one in SQLite; a restarted server
+thread, the `validating_files` phase, so the engine never waits on that), start a prepared job,
+run one slice of it (of bounded time: slices.py, pieces.py), or end it. A job's slices are, in
+order, the pieces of its setup (adapter + optimizer built, or restored from its last
+checkpoint), of each optimizer step, and of its finish (the final eval, the adapter exported
+into the store); then the helper thread registers the adapter and publishes it to the store
+while the engine serves on, and the job is recorded and let go. No part of a job runs whole
+on the engine thread while requests are waiting (measured before, embedded model: the setup
+and the end were gaps of ~20 decode steps in every stream). Which job: the oldest pending one in SQLite; a restarted server
 picks its running job up again and resumes it.
 
 Time share (`TimeShare`): while requests are waiting or running, training may take at most
@@ -39,6 +43,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from runtime.nn.kernels import unpinned
 from runtime.training.slices import ResidentRun, latest_checkpoint
 from runtime.training.state import FINAL, State
 from trainer.config import TrainConfig
@@ -137,6 +142,11 @@ class Active:
     prep: Future | None = None  # (train, eval) examples being tokenized
     run: ResidentRun | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    finishing: bool = False  # the final eval and export under way (ResidentRun.finish)
+    #: the exported adapter being registered and published (helper thread), and its end: the
+    #: job's final status is written then
+    publishing: Future | None = None
+    published: threading.Event = field(default_factory=threading.Event)
 
 
 class TrainingScheduler:
@@ -150,7 +160,10 @@ class TrainingScheduler:
         self.kick = threading.Event()  # set when a job may be waiting (created, restart)
         self.kick.set()
         self._lock = threading.Lock()  # final transitions vs. a cancel from an API thread
-        self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quiver-train-prep")
+        # tokenizing and publishing: on any CPU, not the engine thread's pinned one (its thread
+        # is started from the engine thread, whose CPU it would inherit; kernels.bind_threads)
+        self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quiver-train-prep",
+                                             initializer=unpinned)
         #: a job ended since the engine was last idle: its trainer, optimizer and autograd
         #: leftovers (~35k objects in reference cycles on the embedded model) wait for the cyclic
         #: collector; a full collection over them holds the GIL for 25-50 ms, which, left to the
@@ -171,15 +184,17 @@ class TrainingScheduler:
         return self._work(a, busy)
 
     def _work(self, a: Active, busy: bool) -> bool:
+        if a.publishing is not None:  # its status is written when the helper thread is done
+            if not a.publishing.done():
+                return False
+            self._close(a)
+            return True
         if a.cancelled.is_set():
             self._drop(a)
             return True
         try:
             if a.run is None:
                 return self._start(a)
-            if a.run.done:
-                self._complete(a)
-                return True
             if not self.share.may_train(busy):
                 return False
             t0 = time.perf_counter()
@@ -224,22 +239,39 @@ class TrainingScheduler:
             return True
         checkpoint = latest_checkpoint(a.cfg.output)
         cfg = replace(a.cfg, resume=str(checkpoint)) if checkpoint else a.cfg
-        run = ResidentRun(cfg, self.base, examples)
-        run.setup()
-        a.run = run
+        a.run = ResidentRun(cfg, self.base, examples)  # set up in its first slices (`_slice`)
+        return True
+
+    def _started(self, a: Active) -> None:
+        run = a.run
         message = (f"Fine-tuning job resumed from its checkpoint at step {run.step} of {run.total_steps}"
-                   if checkpoint else f"Fine-tuning job started: {run.total_steps} steps over "
-                                      f"{len(examples[0])} examples")
+                   if run.cfg.resume else f"Fine-tuning job started: {run.total_steps} steps over "
+                                          f"{len(run.trainer.train_examples)} examples")
         with self._lock:
             if not a.cancelled.is_set():
                 self.state.update_job(a.job_id, (message, "info", "message", None), status="running",
                                       started_at=int(time.time()))
         self.count_jobs()
-        return True
 
     def _slice(self, a: Active, budget_s: float, whole: bool = False) -> None:
-        """One piece of the optimizer step in flight (whole: an idle engine's next step, run
-        whole on the engine thread); a finished step is recorded."""
+        """One piece of the job's work in flight (whole: an idle engine's, whole on the engine
+        thread where nothing is in flight): its setup, an optimizer step, or its finish."""
+        run = a.run
+        if not run.ready:
+            if run.setup(budget_s, whole):
+                self._started(a)
+        elif not a.finishing and not run.done:
+            self._step(a, budget_s, whole)
+        else:
+            tmp = self.adapter_root / f".ft-{a.job_id}.tmp"
+            if not a.finishing:
+                shutil.rmtree(tmp, ignore_errors=True)
+                a.finishing = True
+            if run.finish(tmp, budget_s, whole) is not None:
+                self._complete(a, tmp)
+
+    def _step(self, a: Active, budget_s: float, whole: bool) -> None:
+        """A piece of the optimizer step in flight; a finished step is recorded."""
         out = a.run.advance(budget_s, whole)
         if out is None:
             return
@@ -258,13 +290,10 @@ class TrainingScheduler:
             self.state.add_checkpoint(a.job_id, run.step, {"step": run.step, "train_loss": loss},
                                       str(path), f"Checkpoint saved at step {run.step}")
 
-    def _complete(self, a: Active) -> None:
-        """Export the adapter into the store under its final name, register it, record it."""
-        root = self.adapter_root
-        final = root / a.fine_tuned_model
-        tmp = root / f".ft-{a.job_id}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        a.run.finish(tmp)
+    def _complete(self, a: Active, tmp: Path) -> None:
+        """The exported adapter under its final name in the store; then registered, published
+        and recorded on the helper thread (`_publish`), the engine serving on meanwhile."""
+        final = self.adapter_root / a.fine_tuned_model
         with self._lock:
             if a.cancelled.is_set():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -274,14 +303,25 @@ class TrainingScheduler:
             if final.exists():  # a restart redid the last steps: same adapter, written again
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            a.publishing = self._prep_pool.submit(self._publish, a, final)  # cancel() waits for it now
+
+    def _publish(self, a: Active, final: Path) -> None:  # helper thread
+        try:
             self.publish(a.fine_tuned_model, final)
+        except Exception as e:  # noqa: BLE001 - the job fails alone; the server serves on
+            log.exception("fine-tuning job %s: its adapter could not be published", a.job_id)
+            with self._lock:
+                self._record_failure(a, "training_failed", f"{type(e).__name__}: {e}")
+        else:
             summary = a.run.trainer.summary
-            self.state.update_job(
-                a.job_id, ("The job has successfully completed", "info", "message",
-                           {"fine_tuned_model": a.fine_tuned_model}),
-                status="succeeded", fine_tuned_model=a.fine_tuned_model, trained_tokens=summary.tokens,
-                finished_at=int(time.time()))
-            self._close(a)
+            with self._lock:
+                self.state.update_job(
+                    a.job_id, ("The job has successfully completed", "info", "message",
+                               {"fine_tuned_model": a.fine_tuned_model}),
+                    status="succeeded", fine_tuned_model=a.fine_tuned_model, trained_tokens=summary.tokens,
+                    finished_at=int(time.time()))
+        finally:
+            a.published.set()
 
     # ---- endings ----------------------------------------------------------------------------
     def cancel(self, job_id: str) -> str | None:
@@ -291,11 +331,16 @@ class TrainingScheduler:
             status = self.state.job(job_id)["status"]
             if status in FINAL:
                 return status
-            self.state.update_job(job_id, ("Fine-tuning job cancelled", "info", "message", None),
-                                  status="cancelled", finished_at=int(time.time()))
             a = self.active
-            if a is not None and a.job_id == job_id:
-                a.cancelled.set()
+            publishing = a is not None and a.job_id == job_id and a.publishing is not None
+            if not publishing:
+                self.state.update_job(job_id, ("Fine-tuning job cancelled", "info", "message", None),
+                                      status="cancelled", finished_at=int(time.time()))
+                if a is not None and a.job_id == job_id:
+                    a.cancelled.set()
+        if publishing:  # too late to cancel: the job ends as its publishing does
+            a.published.wait(PUBLISH_TIMEOUT_S + 5)
+            return self.state.job(job_id)["status"]
         self.count_jobs()
         return None
 
@@ -305,11 +350,14 @@ class TrainingScheduler:
 
     def _fail(self, a: Active, code: str, message: str) -> None:
         with self._lock:
-            if not a.cancelled.is_set():
-                self.state.update_job(a.job_id, (f"Fine-tuning job failed: {message}", "error", "message", None),
-                                      status="failed", error={"code": code, "message": message, "param": None},
-                                      finished_at=int(time.time()))
+            self._record_failure(a, code, message)
             self._close(a)
+
+    def _record_failure(self, a: Active, code: str, message: str) -> None:  # under _lock
+        if not a.cancelled.is_set():
+            self.state.update_job(a.job_id, (f"Fine-tuning job failed: {message}", "error", "message", None),
+                                  status="failed", error={"code": code, "message": message, "param": None},
+                                  finished_at=int(time.time()))
 
     def _close(self, a: Active) -> None:
         if a.run is not None:

@@ -1,9 +1,10 @@
 """One job's Trainer on the server's resident base, advanced in slices between engine steps.
 
 The model is the very DecoderModel the engine serves (no second copy of the base). A slice is
-one piece of an optimizer step, bounded by a time budget (the scheduler's, scheduler.py): the
-step runs on a piece thread that pauses at the model's pause points once the budget is spent
-(pieces.py), so a whole step (~0.5 s on the embedded model) never stands between two serving
+one piece of an optimizer step (or of the job's setup, or of its finish: the final eval and the
+export), bounded by a time budget (the scheduler's, scheduler.py): the step runs on a piece
+thread that pauses at the model's pause points once the budget is spent (pieces.py), so a whole
+step (~0.5 s on the embedded model), or a setup (0.1-0.7 s), never stands between two serving
 steps. Each piece runs inside `_piece`, on the engine thread's watch, between two engine steps:
 
     enter   torch's global RNG -> the job's own (dropout, the adapter's init draw from it)
@@ -33,6 +34,7 @@ served base differentiates as the trainer's own, up to the fused kernel's roundi
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from pathlib import Path
@@ -63,6 +65,7 @@ class ResidentRun:
         self._tokens_before = 0  # the trainer's token count when the step in flight began
         self._seconds_before = 0.0  # ... and its step seconds
         self._step_s = 0.0  # the pieces' time of the step in flight
+        self.ready = False  # set up (`setup` done)
         self.last_step_s = 0.0  # the pieces' time of the last finished step
 
     @property
@@ -81,10 +84,14 @@ class ResidentRun:
     def mid_step(self) -> bool:
         return self._call.in_flight
 
-    def setup(self) -> None:
-        """Build the adapter and optimizer (and restore --resume's checkpoint)."""
-        with self._scope():
-            self.trainer.setup()
+    def setup(self, budget_s: float = math.inf, whole: bool = True) -> bool:
+        """Build the adapter and optimizer (and restore --resume's checkpoint), in pieces as a
+        step is (`advance`: the method's projections are its pause points; measured on the
+        embedded model, LoRA r16 all-linear: 0.1-0.7 s whole, which every stream would see as
+        one gap); True once done."""
+        done, _ = self._in_pieces(self.trainer.setup, budget_s, whole)
+        self.ready = done
+        return done
 
     def advance(self, budget_s: float = math.inf, whole: bool = False) -> tuple[float, int] | None:
         """One piece of the optimizer step in flight (or of the next), of about `budget_s`:
@@ -98,26 +105,22 @@ class ResidentRun:
         if not self._call.in_flight:
             summary = self.trainer.summary
             self._tokens_before, self._seconds_before, self._step_s = summary.tokens, summary.seconds, 0.0
-            self._hooks = self._points.installed()
         t0 = time.perf_counter()
-        with self._piece():
-            if whole and not self._call.in_flight:  # the pause points are no-ops on this thread
-                with torch.enable_grad():  # (the piece thread has it on for good)
-                    done, loss = True, self.trainer.advance()
-            else:
-                done, loss = self._call.run(self.trainer.advance, budget_s)
+        done, loss = self._in_pieces(self.trainer.advance, budget_s, whole)
         self._step_s += time.perf_counter() - t0
         if not done:
             return None
-        self._remove_hooks()
         # the trainer's clock ran through the serving steps between pieces: count the pieces only
         self.trainer.summary.seconds = self._seconds_before + self._step_s
         self.last_step_s = self._step_s
         return loss, self.trainer.summary.tokens - self._tokens_before
 
-    def finish(self, out_dir: Path) -> Path:
-        with self._scope():
-            return self.trainer.finish(out_dir)
+    def finish(self, out_dir: Path, budget_s: float = math.inf, whole: bool = True) -> Path | None:
+        """The final eval and the adapter's export into `out_dir`, in pieces as a step is (the
+        eval's forwards pause at the projections, the files are written `outside`): the
+        directory once done, else None."""
+        done, path = self._in_pieces(functools.partial(self.trainer.finish, out_dir), budget_s, whole)
+        return path if done else None
 
     def close(self) -> None:
         """Detach for good and drop the adapter, its optimizer state and activations (a step in
@@ -130,15 +133,26 @@ class ResidentRun:
             self.trainer.model.eval()
         self.trainer.method = self.trainer.optimizer = self.trainer.params = None
 
-    @contextlib.contextmanager
-    def _scope(self):
-        with self._job_rng():
-            self.trainer.attach()
-            try:
-                with torch.enable_grad():
-                    yield
-            finally:
-                self.trainer.detach()
+    def _in_pieces(self, fn, budget_s: float, whole: bool) -> tuple[bool, object]:
+        """One piece of `fn` (setup, a step, finish: one at a time), of about `budget_s`, with
+        the pause points' hooks installed from its first piece to its end: (True, its value)
+        once it returned, else (False, None). whole=True with nothing in flight: all of `fn`
+        here, on the calling (engine) thread with its threads, where the pause points are
+        no-ops (the same ops in the same order). Nothing is waited for while `fn` is writing
+        files `outside` and the engine is serving: (False, None) at once."""
+        if not whole and self._call.outside_busy:
+            return False, None
+        if not self._call.in_flight:
+            self._hooks = self._points.installed()
+        with self._piece():
+            if whole and not self._call.in_flight:
+                with torch.enable_grad():  # (the piece thread has it on for good)
+                    done, value = True, fn()
+            else:
+                done, value = self._call.run(fn, budget_s)
+        if done:
+            self._remove_hooks()
+        return done, value
 
     @contextlib.contextmanager
     def _piece(self):

@@ -102,6 +102,47 @@ def test_a_step_in_many_pieces_is_the_whole_step_bit_for_bit(method, data, base,
         assert torch.equal(mine[name], theirs[name]), name
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora"])
+def test_setup_and_finish_in_many_pieces_are_the_whole_ones_bit_for_bit(method, data, base, tmp_path):
+    """A job's setup (the method's deltas, a pause before each) and its finish (the final eval
+    and the export, its writes outside) cut at every pause point, serving between the pieces:
+    the same initial weights and the same adapter files as run whole, and serving unchanged."""
+    from safetensors.torch import load_file
+
+    ids = torch.tensor([5, 6, 7, 8])
+
+    def served() -> torch.Tensor:
+        with torch.no_grad():
+            return base.model(ids, torch.arange(4), AttentionBatch.without_cache([4]))
+
+    ref_served = served()
+    extra = dict(init_r=6, target_r=4, tinit=0, tfinal=1) if method == "adalora" else {}
+    cfg = replace(_config(data, tmp_path, method=method, **extra), eval_data=str(data), max_steps=2)
+    outs, inits, seen = {}, {}, []
+    for name, budget, whole in (("whole", float("inf"), True), ("cut", 0.0, False)):
+        run = ResidentRun(cfg, base, read_examples(cfg, base))
+        pieces = 1
+        while not run.setup(budget, whole):
+            seen.append(torch.equal(served(), ref_served))
+            pieces += 1
+        assert run.ready and (pieces == 1 if whole else pieces > len(run.trainer.method.deltas))
+        inits[name] = _params(run.trainer)
+        while not run.done:
+            run.advance(budget, whole)
+        out, pieces = tmp_path / f"adapter-{name}", 1
+        while run.finish(out, budget, whole) is None:
+            seen.append(torch.equal(served(), ref_served))
+            pieces += 1
+        assert pieces == 1 if whole else pieces > 10  # the eval's projections, the writes outside
+        outs[name] = load_file(out / "adapter_model.safetensors")
+        run.close()
+    assert seen and all(seen) and not base.model.training
+    assert inits["cut"].keys() == inits["whole"].keys()
+    assert all(torch.equal(inits["cut"][k], inits["whole"][k]) for k in inits["whole"])
+    assert outs["cut"].keys() == outs["whole"].keys()
+    assert all(torch.equal(outs["cut"][k], outs["whole"][k]) for k in outs["whole"])
+
+
 def test_a_step_its_eval_and_checkpoint_in_many_pieces_are_quiver_trains_bit_for_bit(data, base, tmp_path):
     cfg = _config(data, tmp_path)
     whole, _ = _run_in_pieces(_checkpointed(tmp_path, data, "whole", cfg), base, float("inf"))

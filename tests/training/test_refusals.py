@@ -241,7 +241,7 @@ def test_an_ended_jobs_objects_are_collected_when_the_engine_is_idle(client, ser
     job = client.fine_tuning.jobs.create(model=BASE_ID, training_file=f.id, hyperparameters={"n_epochs": 20})
     sched = server.core.training.scheduler
     deadline = time.monotonic() + 30
-    while (sched.active is None or sched.active.run is None) and time.monotonic() < deadline:
+    while (sched.active is None or sched.active.run is None or not sched.active.run.ready) and time.monotonic() < deadline:
         time.sleep(0.01)
     slots = weakref.ref(next(iter(sched.active.run.trainer.method._slots.values())))
     gc.disable()

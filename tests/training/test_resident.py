@@ -39,7 +39,7 @@ def _grads(run_or_trainer, examples) -> dict[str, torch.Tensor]:
         t._loss_sum(batch).backward()
 
     if isinstance(run_or_trainer, ResidentRun):
-        with run_or_trainer._scope():
+        with run_or_trainer._piece(), torch.enable_grad():  # the adapter attached, as for a piece
             step()
     else:
         step()

@@ -164,12 +164,12 @@ class RankAllocator:
 class AdaLoraMethod(LoraFamilyMethod):
     peft_type = "ADALORA"
 
-    def __init__(self, cfg: TrainConfig, model: DecoderModel, total_steps: int):
+    def __init__(self, cfg: TrainConfig, model: DecoderModel, total_steps: int, pause=None):
         if cfg.tinit >= total_steps - cfg.tfinal:
             raise TrainConfigError(
                 f"AdaLoRA needs a pruning phase: --tinit ({cfg.tinit}) must be below the total steps "
                 f"({total_steps}) minus --tfinal ({cfg.tfinal})")
-        super().__init__(cfg, model)
+        super().__init__(cfg, model, pause)
         self.total_steps = total_steps
         self.allocator = RankAllocator(self.names, list(self.deltas), cfg, total_steps)
 

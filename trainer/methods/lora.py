@@ -115,20 +115,29 @@ class LoraFamilyMethod(AdapterMethod):
 
     use_dora = False
 
-    def __init__(self, cfg: TrainConfig, model: DecoderModel):
+    def __init__(self, cfg: TrainConfig, model: DecoderModel, pause: Callable[[], None] | None = None):
+        """`pause()` runs before each projection's delta is built (build_method)."""
         super().__init__(cfg, model)
         self.names = resolve_targets(cfg, model)  # full HF module names, model order
         linears = model.adapted_linears()
         dev = self.device = model.model.norm.weight.device
-        # the method's own one-slot tensors (+ the zero slot): not registered as submodules, so
-        # the method's state_dict holds the trainable parameters only
-        self._slots = {name: LoraSlots(linears[name].base.in_features, linears[name].base.out_features,
-                                       TRAIN_SLOTS, self.slot_rank, model.dtype, dev)
-                       for name in self.names}
+        # per projection: the method's own one-slot tensors (+ the zero slot), not registered as
+        # submodules, so the method's state_dict holds the trainable parameters only; its delta
+        # (initial weights drawn from torch's RNG in model order), bound to the slots
+        self._slots: dict[str, LoraSlots] = {}
+        deltas = []
+        for name in self.names:
+            if pause is not None:
+                pause()
+            lin = linears[name]
+            slots = LoraSlots(lin.base.in_features, lin.base.out_features, TRAIN_SLOTS, self.slot_rank,
+                              model.dtype, dev)
+            delta = self.make_delta(name, lin)
+            self._bind(slots, delta)
+            self._slots[name] = slots
+            deltas.append(delta)
         self._saved_slots: dict[str, LoraSlots | None] | None = None
-        self.deltas = nn.ModuleList(self.make_delta(name, linears[name]) for name in self.names)
-        for name, delta in zip(self.names, self.deltas):
-            self._bind(self._slots[name], delta)
+        self.deltas = nn.ModuleList(deltas)
 
     # ---- per-method hooks -------------------------------------------------------------------
     @property
