@@ -40,6 +40,7 @@ import torch
 
 from runtime.engine.engine import Engine, StepStats
 from runtime.engine.request import GenerationRequest, Output
+from runtime.nn.kernels import bind_threads
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,12 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, on_step=None, idle_wait_s: float = 0.05):
+    def __init__(self, engine: Engine, on_step=None, idle_wait_s: float = 0.05, bind_threads: bool = False):
+        """bind_threads: pin the step thread's OpenMP team one thread per CPU when it starts
+        stepping (runtime/nn/kernels.py::bind_threads; `quiver serve --bind-threads`)."""
         self.engine = engine
+        self.bind_threads = bind_threads
+        self.bound_cpus: list[int] | None = None  # where the team was pinned, if it was
         self.on_step = on_step  # callback(StepStats) after every non-empty step (metrics)
         self.background = None  # callback(busy, step_s) -> did work (module docstring)
         self._wake = threading.Event()
@@ -158,6 +163,10 @@ class EngineLoop:
         # OpenMP keeps a thread count per thread: re-apply torch's (--threads) here, so that the
         # kernels this thread calls outside torch (bitsandbytes') use the same count.
         torch.set_num_threads(torch.get_num_threads())
+        if self.bind_threads:
+            self.bound_cpus = bind_threads()
+            log.info("engine threads pinned to CPUs %s", self.bound_cpus if self.bound_cpus else "(not: "
+                     "threads other than the CPUs, or no native extension)")
         self._idle.clear()
         try:
             self._steps()

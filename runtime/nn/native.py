@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / f for f in ("decode_stack.cpp", "paged_attention.cpp",
                                                               "elementwise.cpp", "lora_rows.cpp",
-                                                              "lm_head.cpp")]
+                                                              "lm_head.cpp", "threads.cpp")]
 #: built where it runs, so for this CPU. -fopenmp: ATen's `at::parallel_for` is a header template
 #: whose OpenMP region is compiled into the caller, so without it every loop here ran on one
 #: thread; the library it links is torch's own (libgomp.so.1, already loaded by torch).
@@ -223,6 +223,11 @@ def lora_runs_kernel():
 def lm_head_refine_kernel():
     """csrc/lm_head.cpp's one-pass exact top-k over bf16 logits (CPU), or None."""
     return op("lm_head_refine")
+
+
+def bind_threads_kernel():
+    """csrc/threads.cpp's bind_threads (the calling thread's OpenMP team pinned to CPUs), or None."""
+    return op("bind_threads")
 
 
 def applicable(model) -> bool:

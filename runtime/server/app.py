@@ -84,7 +84,7 @@ def build_server(cfg: ServerConfig, base: LoadedBase | None = None,
         max_batch_tokens=cfg.max_batch_tokens, max_running=cfg.max_running,
         kv_cache_tokens=cfg.kv_cache_tokens, max_queue=cfg.max_queue, prefix_cache=cfg.prefix_cache,
         kv_preallocate=cfg.kv_preallocate))
-    loop = EngineLoop(engine)
+    loop = EngineLoop(engine, bind_threads=cfg.bind_threads and base.device.type == "cpu")
     metrics = Metrics(cfg.metrics_max_adapter_labels)
     core = Core(cfg, base, engine, loop, registry, store, loader, metrics)
     loop.on_step = core.on_step

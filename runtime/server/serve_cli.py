@@ -99,6 +99,10 @@ def _adapter_and_engine_options(p: argparse.ArgumentParser, d) -> None:
     en.add_argument("--kv-preallocate", action="store_true",
                     help="allocate the whole --kv-cache-tokens budget at start-up (memory stays put; "
                          "default: the cache doubles up to it as traffic needs)")
+    en.add_argument("--bind-threads", action=argparse.BooleanOptionalAction, default=d.bind_threads,
+                    help="pin the engine's compute threads one per CPU on CPU devices (default on "
+                         "where --threads is the number of CPUs; --no-bind-threads leaves placement "
+                         "to the OS)")
     en.add_argument("--max-queue", type=int, default=d.max_queue,
                     help=f"waiting requests before RESOURCE_EXHAUSTED (default {d.max_queue}; 0 = no cap)")
     en.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
@@ -167,7 +171,7 @@ def config_from_args(args: argparse.Namespace):
         adapter_dtype=args.adapter_dtype,
         max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
         kv_cache_tokens=args.kv_cache_tokens, prefix_cache=args.prefix_cache,
-        kv_preallocate=args.kv_preallocate, max_queue=args.max_queue,
+        kv_preallocate=args.kv_preallocate, bind_threads=args.bind_threads, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, grace_period_s=args.grace_period,
         data_dir=args.data_dir or _default_data_dir(), train_share=args.train_share,
         max_file_bytes=args.max_file_bytes, max_file_rows=args.max_file_rows,

@@ -47,6 +47,8 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import nn
 
+from runtime.nn.kernels import floating
+
 
 class Abandoned(BaseException):
     """Raised at a pause point when the caller gave the call up (a BaseException: no `except
@@ -136,7 +138,8 @@ class PiecewiseCall:
         self._outside = True
         self._handback.release()
         try:
-            return fn()
+            with floating():  # beside the engine's pinned threads, not on their CPU (kernels.bind_threads)
+                return fn()
         finally:
             self._outside = False
             self._resume.acquire()
