@@ -244,7 +244,7 @@ class ServerConfig:
     #: automatic prefix caching: a prompt's full KV blocks are reused by later requests of the
     #: same adapter with the same leading tokens (runtime/nn/kv_cache.py)
     prefix_cache: bool = True
-    bind_threads: bool = True  # pin the engine's OpenMP team one thread per CPU (kernels.bind_threads)
+    bind_threads: bool = False  # pin the engine's OpenMP team one thread per CPU (kernels.bind_threads)
     #: allocate the whole KV budget at start-up instead of doubling up to it as traffic grows:
     #: resident memory then stays where it starts (the soak's memory check)
     kv_preallocate: bool = False

@@ -100,9 +100,8 @@ def _adapter_and_engine_options(p: argparse.ArgumentParser, d) -> None:
                     help="allocate the whole --kv-cache-tokens budget at start-up (memory stays put; "
                          "default: the cache doubles up to it as traffic needs)")
     en.add_argument("--bind-threads", action=argparse.BooleanOptionalAction, default=d.bind_threads,
-                    help="pin the engine's compute threads one per CPU on CPU devices (default on "
-                         "where --threads is the number of CPUs; --no-bind-threads leaves placement "
-                         "to the OS)")
+                    help="pin the engine's compute threads one per CPU on CPU devices, where --threads "
+                         "is the number of CPUs (default off: placement left to the OS)")
     en.add_argument("--max-queue", type=int, default=d.max_queue,
                     help=f"waiting requests before RESOURCE_EXHAUSTED (default {d.max_queue}; 0 = no cap)")
     en.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
