@@ -19,6 +19,9 @@ import signal
 import sys
 import threading
 
+#: seconds a thread holding the GIL keeps it while another waits (CPython's default: 0.005)
+GIL_SWITCH_S = 0.001
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the base model and its adapters over gRPC and HTTP")
@@ -210,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
     # The engine steps on this main thread (much faster than on a second thread: loop.py). It
     # runs Python between kernels and waits at most 50 ms when idle, so a SIGTERM delivered to
     # any thread reaches the handler here promptly.
+    # The engine thread takes the GIL back after each C++ call; a helper thread busy in Python
+    # (a job's tokenizing, an adapter's load) held it up to CPython's 5 ms switch interval each
+    # time, several times a step: 1 ms bounds that wait (GIL_SWITCH_S).
+    sys.setswitchinterval(GIL_SWITCH_S)
     server.core.loop.run()
     stopper.join()
     print(f"quiver stopped ({'drained' if drained and drained[0] else 'grace period over; the rest were cancelled'})",
