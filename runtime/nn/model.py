@@ -266,9 +266,12 @@ class DecoderModel(nn.Module):
         return counts
 
     # ---- forward -----------------------------------------------------------------------------
+    def _embedding_lora(self, ab: AdapterBatch | None) -> bool:
+        return ab is not None and ab.any_embedding and self.embed_lora is not None
+
     def embed(self, tokens: torch.Tensor, ab: AdapterBatch | None) -> torch.Tensor:
         x = self.model.embed_tokens(tokens)  # [T, hidden]
-        if ab is not None and ab.any_embedding and self.embed_lora is not None:
+        if self._embedding_lora(ab):
             x = x + self.embed_lora(tokens, ab.token_slots).to(x.dtype)
         return x
 
@@ -280,6 +283,11 @@ class DecoderModel(nn.Module):
         `inputs_embeds` [T, hidden] replaces the embedding lookup (virtual tokens in training).
         """
         attn.prepare(self.cfg.sliding_window)
+        if self.native is not None and inputs_embeds is None and not return_hidden and \
+                self.native.takes(attn, adapters) and not self._embedding_lora(adapters):
+            logits = self.native.logits(tokens, positions, self.rotary, attn, adapters, logits_rows)
+            if logits is not None:  # the whole step from C++ (native.py); None: the modules run it
+                return logits
         x = self.embed(tokens, adapters) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         if self.native is not None and self.native.takes(attn, adapters):

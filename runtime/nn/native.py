@@ -1,13 +1,19 @@
 """The pure-decode step's layers in C++ (csrc/decode_stack.cpp): the same ATen ops, without Python.
 
     DecoderModel.forward, any step against the KV cache (LoRA and DoRA rows included):
-        x = embed(tokens); cos, sin = rotary(positions)          (Python, once per step)
-        x = DecodeStack.forward(x, cos, sin, KV pool, ...)         (C++, every layer)
-        logits = lm_head(norm(x))                                  (Python, once per step)
+        logits = DecodeStack.step_logits(tokens, positions, ...)   (C++, the whole step:)
+            x = embed(tokens); cos, sin = rotary(positions)
+            x = every layer of DecodeStack.forward(x, cos, sin, KV pool, ...)
+            logits = lm_head(norm(x[logits_rows]))
+    Steps with embedding-LoRA rows or given embeddings run the embedding in Python and then
+    `DecodeStack.forward` for the layers alone (`NativeDecode.__call__`); the norm and the head
+    follow in Python there.
 
 Why: at decode sizes every op of a layer costs more in Python dispatch than in compute
 (measured on SmolLM2-135M, batch 1, 2 threads: 8.1 ms a step through the modules, 4.8 ms with
-the same ops issued from C++, against 3.6 ms for the matmuls alone). The C++ layer issues the
+the same ops issued from C++, against 3.6 ms for the matmuls alone; and the ops around the layers
+run cold after the weights' stream, ~50-100 us each, so the embedding, the final norm and the
+head went in too). The C++ layer issues the
 modules' ATen ops in the same order (model.py, attention.py, rotary.py, kernels.py), so both
 paths give the same bits; tests/nn/test_native.py holds them to it, and the Python modules stay
 the reference and the path of every other step (prefill, mixed batches, LoRA, training, CUDA).
@@ -91,6 +97,7 @@ class NativeDecode:
 
     def __init__(self, stack):
         self.stack = stack
+        self.head_ready = False  # `attach_head` handed the stack the embedding and the head
 
     @classmethod
     def for_model(cls, model) -> "NativeDecode | None":
@@ -120,7 +127,36 @@ class NativeDecode:
                             d.weight, d._fused_state.absmax, d.bias)
         native = cls(stack)
         native.attach_lora(model)
+        native.attach_head(model)
         return native
+
+    def attach_head(self, model) -> None:
+        """Hand the stack the embedding, the final norm and the lm_head's tensors for
+        `logits` (after LmHead.use picked them). Not where the head's exact pass would be
+        torch's (LmHead._fused_refine None with approximate copies): then `logits` says so and
+        the modules run the head."""
+        from runtime.nn.lm_head import EXACT_TOP, INT8_MAX_ROWS
+
+        head, norm, emb = model.head, model.model.norm, model.model.embed_tokens.weight
+        self.head_ready = False
+        if head.weight.dtype != torch.float32 or not head.weight.is_contiguous() or \
+                not emb.is_contiguous() or (head.bf16 is not None and head._fused_refine is None):
+            return
+        self.stack.set_embedding(emb)
+        self.stack.set_head(norm.weight, norm.eps, head.weight, head.int8, head.int8_scale, head.bf16,
+                            INT8_MAX_ROWS, EXACT_TOP)
+        self.head_ready = True
+
+    def logits(self, tokens: torch.Tensor, positions: torch.Tensor, rotary, attn, adapters,
+               logits_rows: torch.Tensor | None) -> torch.Tensor | None:
+        """The whole step in one call (`DecodeStack.step_logits`): logits, or None where the
+        step is not one for it (no head handed over, a position past the rotary tables) and
+        nothing was computed or written; then the modules' path runs it."""
+        if not self.head_ready:
+            return None
+        return self.stack.step_logits(tokens, positions, rotary.cos_table, rotary.sin_table, logits_rows,
+                                      attn.cache.pool, attn.write_index, *_attention_args(attn),
+                                      *_lora_args(adapters))
 
     def attach_lora(self, model) -> None:
         """Point the stack at every projection's LoRA slots (after `allocate_lora_slots`): it

@@ -329,3 +329,76 @@ def test_adapters_loaded_after_the_stack_was_built_are_seen():
     lin.lora.set_slot(2, torch.ones(2, lin.base.in_features), torch.ones(lin.base.out_features, 2), 0.5)
     ref, got, _ = both_paths_with(model, [9], ab)
     assert torch.equal(got, ref) and not torch.equal(got, before)
+
+
+# ---- the whole step in one call (DecodeStack.step_logits): embedding, layers, norm, head ------
+
+def approximate_model(variant: str = "llama-gqa") -> DecoderModel:
+    """The serving head: int8 up to INT8_MAX_ROWS rows, bf16 above, the top EXACT_TOP exact."""
+    model = fused_model(variant)
+    model.use_kernels("cpu-fused", approximate_head=True)
+    assert model.head.int8 is not None and model.native.head_ready
+    return model
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-bias"])
+@pytest.mark.parametrize("histories", [[13], [3, 17, 9], list(range(1, 13))])  # int8 rows / bf16 rows
+def test_whole_step_with_the_serving_head_is_bit_identical(variant, histories):
+    from runtime.nn.lm_head import INT8_MAX_ROWS
+
+    model = approximate_model(variant)
+    (ref, ref_pool), (got, got_pool), attn = both_paths(model, histories, interleave=True)
+    assert native.NativeDecode.takes(attn, None)
+    assert (len(histories) <= INT8_MAX_ROWS) == (len(histories) < 12)  # both head kernels run
+    assert torch.equal(got, ref)
+    assert torch.equal(got_pool, ref_pool)
+
+
+def test_whole_step_picks_the_logits_rows_of_a_mixed_step():
+    model = approximate_model()
+    q_lens = [1, 7, 1]
+    cache, seqs, tokens, positions = decode_state(model, [5, 0, 12], True, q_lens=q_lens)
+    twin = KVCache(model.cfg, max_tokens=4096, block_size=4, dtype=model.dtype)
+    twin.pool = cache.pool.clone()
+    rows = torch.tensor([0, 7, 8])  # each sequence's last token
+    out = {}
+    for use_native, c in ((False, twin), (True, cache)):
+        saved, model.native = model.native, (model.native if use_native else None)
+        try:
+            with torch.no_grad():
+                out[use_native] = model(tokens, positions, AttentionBatch.with_cache(c, seqs, q_lens),
+                                        logits_rows=rows)
+        finally:
+            model.native = saved
+    assert out[True].shape == (3, model.cfg.vocab_size)
+    assert torch.equal(out[True], out[False]) and torch.equal(cache.pool, twin.pool)
+
+
+def test_a_position_past_the_rotary_table_falls_back_with_nothing_written():
+    model = approximate_model()
+    model.rotary._grow(16)  # a short table: the step below reaches past it
+    cache, seqs, tokens, positions = decode_state(model, [20, 3], True)
+    before = cache.pool.clone()
+    attn = AttentionBatch.with_cache(cache, seqs, [1, 1])
+    attn.prepare(model.cfg.sliding_window)
+    assert model.native.logits(tokens, positions, model.rotary, attn, None, None) is None
+    assert torch.equal(cache.pool, before)
+    twin = KVCache(model.cfg, max_tokens=4096, block_size=4, dtype=model.dtype)
+    twin.pool = before.clone()
+    ref, _ = step(model, twin, seqs, tokens, positions, use_native=False)
+    got, _ = step(model, cache, seqs, tokens, positions, use_native=True)  # grows the table
+    assert model.rotary.cos_table.shape[0] > 20 and torch.equal(got, ref)
+    again = AttentionBatch.with_cache(twin, seqs, [1, 1])
+    again.prepare(model.cfg.sliding_window)
+    assert model.native.logits(tokens, positions, model.rotary, again, None, None) is not None
+
+
+def test_a_token_outside_the_vocabulary_is_an_index_error_with_nothing_written():
+    model = approximate_model()
+    cache, seqs, tokens, positions = decode_state(model, [6, 2], True)
+    before = cache.pool.clone()
+    bad = tokens.clone()
+    bad[1] = model.cfg.vocab_size
+    with pytest.raises(IndexError, match="out of range"):
+        step(model, cache, seqs, bad, positions, use_native=True)
+    assert torch.equal(cache.pool, before)

@@ -16,6 +16,16 @@
 //   each projection's output then gets its LoRA / DoRA delta where the step has adapter rows
 //   (runtime/nn/lora.py: the "runs" path; the gather path stays in Python)
 //
+// `step_logits` is the whole step from token ids to logits in one call (what
+// DecoderModel.forward runs where the stack and its head apply, runtime/nn/native.py):
+//   x = embedding[tokens]; cos, sin = the rotary tables' rows at positions     [T, hidden]
+//   x = forward(x, ...)[logits_rows]; x = rms_norm(x, final norm)
+//   logits = LmHead.forward(x): the exact matmul, or int8 / bf16 then the exact top-k pass
+// Why one call: after a step has streamed ~80 MB of weights through the caches, each Python op
+// around the layers runs cold (measured, batch 1: the first torch op after the layers 56 us
+// against 5 us warm, the embedding lookup 111 against 7); the seven such ops of a step cost
+// ~0.3-0.6 ms of a ~4 ms batch-1 step.
+//
 // Each step mirrors runtime/nn/model.py, runtime/nn/attention.py, runtime/nn/rotary.py and
 // runtime/nn/kernels.py::fused_matmul op for op, so both paths give the same bits
 // (tests/nn/test_native.py). The 4-bit matmul is bitsandbytes' fused CPU kernel, whose address
@@ -95,6 +105,17 @@ struct LoraSlots {
   bool has_bias(int64_t slot) const { return meta.data_ptr<double>()[3 * slot + 2] != 0.0; }
 };
 
+// runtime/nn/lm_head.py::LmHead with the final norm before it, as `set_head` hands them over
+struct Head {
+  at::Tensor norm;      // [hidden] the final RMSNorm's weight
+  double eps = 0.0;
+  at::Tensor weight;    // [V, hidden] fp32: the exact matmul, and the exact top-k pass's rows
+  std::optional<at::Tensor> int8, int8_scale, bf16;  // the approximate copies (LmHead.use)
+  int64_t int8_max_rows = 0;  // lm_head.py INT8_MAX_ROWS
+  int64_t exact_top = 0;      // lm_head.py EXACT_TOP
+  bool defined() const { return weight.defined(); }
+};
+
 // Projection order within a layer (runtime/nn/native.py::MEMBERS)
 enum Member { kQ, kK, kV, kO, kGate, kUp, kDown, kMembers };
 
@@ -169,6 +190,75 @@ class DecodeStack {
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // The token embedding [V, hidden] fp32 (kept by reference), for `step_logits`.
+  void set_embedding(at::Tensor embedding) {
+    TORCH_CHECK(embedding.scalar_type() == at::kFloat && embedding.dim() == 2 && embedding.is_contiguous(),
+                "the embedding must be a contiguous fp32 [vocab, hidden] table");
+    embedding_ = std::move(embedding);
+  }
+
+  // The final norm and LmHead's tensors (kept by reference; runtime/nn/native.py hands them
+  // over after LmHead.use, and again whenever the model picks kernels anew).
+  void set_head(at::Tensor norm, double eps, at::Tensor weight, std::optional<at::Tensor> int8,
+                std::optional<at::Tensor> int8_scale, std::optional<at::Tensor> bf16, int64_t int8_max_rows,
+                int64_t exact_top) {
+    TORCH_CHECK(norm.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
+                "the head runs on an fp32 norm and a contiguous fp32 weight");
+    TORCH_CHECK(int8.has_value() == int8_scale.has_value(), "int8 weights come with their scales");
+    TORCH_CHECK(!int8 || bf16, "the int8 copy comes with the bf16 one (LmHead.use)");
+    head_ = Head{std::move(norm), eps, std::move(weight), std::move(int8), std::move(int8_scale),
+                 std::move(bf16), int8_max_rows, exact_top};
+  }
+
+  bool has_head() const { return head_.defined() && embedding_.defined(); }
+
+  // The whole step (see the top of this file): logits [len(logits_rows) or T, V] fp32, or None
+  // when a position is past the rotary tables (the caller grows them and runs the modules;
+  // nothing has been written then). Token ids outside the vocabulary raise IndexError, as
+  // the embedding does, also before anything is written.
+  std::optional<at::Tensor> step_logits(
+      const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& cos_table,
+      const at::Tensor& sin_table, const std::optional<at::Tensor>& logits_rows, const at::Tensor& pool,
+      const at::Tensor& write_index, const std::optional<at::Tensor>& decode_tokens,
+      const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& lens,
+      const std::optional<at::Tensor>& los, std::vector<int64_t> row_start, std::vector<int64_t> row_len,
+      std::vector<int64_t> row_kv, std::vector<at::Tensor> row_table, std::vector<at::Tensor> row_mask,
+      int64_t lora_path, const std::optional<at::Tensor>& runs, bool any_dora,
+      const std::optional<at::Tensor>& token_slots) const {
+    at::NoGradGuard no_grad;
+    TORCH_CHECK(has_head(), "step_logits needs set_embedding and set_head");
+    TORCH_CHECK(tokens.dim() == 1 && positions.sizes() == tokens.sizes(), "tokens and positions: [T] each");
+    TORCH_CHECK(cos_table.scalar_type() == at::kFloat && sin_table.scalar_type() == at::kFloat &&
+                    cos_table.is_contiguous() && sin_table.is_contiguous() && cos_table.sizes() == sin_table.sizes() &&
+                    cos_table.size(1) == head_dim_,
+                "rotary tables: contiguous fp32 [P, head_dim] each");
+    const at::Tensor ids = tokens.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+    const int64_t T = ids.size(0), V = embedding_.size(0), hidden = embedding_.size(1), P = cos_table.size(0);
+    const int64_t* ip = ids.data_ptr<int64_t>();
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK_INDEX(0 <= ip[t] && ip[t] < V, "index ", ip[t], " is out of range of the ", V, "-token embedding");
+      TORCH_CHECK(pp[t] >= 0, "negative position ", pp[t]);
+      if (pp[t] >= P) return std::nullopt;  // Rotary.cos_sin grows its tables (Python)
+    }
+    // DecoderModel.embed and Rotary.cos_sin: row copies, the same values as the lookups
+    at::Tensor x = at::empty({T, hidden}, embedding_.options());
+    at::Tensor cos = at::empty({T, 1, head_dim_}, cos_table.options()), sin = at::empty_like(cos);
+    const float* ep = embedding_.data_ptr<float>();
+    const float* cp = cos_table.data_ptr<float>();
+    const float* sp = sin_table.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(x.data_ptr<float>() + t * hidden, ep + ip[t] * hidden, hidden * sizeof(float));
+      std::memcpy(cos.data_ptr<float>() + t * head_dim_, cp + pp[t] * head_dim_, head_dim_ * sizeof(float));
+      std::memcpy(sin.data_ptr<float>() + t * head_dim_, sp + pp[t] * head_dim_, head_dim_ * sizeof(float));
+    }
+    x = forward(x, cos, sin, pool, write_index, decode_tokens, table, lens, los, std::move(row_start),
+                std::move(row_len), std::move(row_kv), std::move(row_table), std::move(row_mask), lora_path,
+                runs, any_dora, token_slots);
+    if (logits_rows) x = x.index({*logits_rows});
+    return head(quiver::rms_norm(x, head_.norm, head_.eps));
+  }
 
   // The bench's floor (bench/decode_bench.py): every layer's four fused 4-bit matmuls for
   // `rows` rows on ready bf16 inputs, called back to back from here: the kernels' own time,
@@ -421,11 +511,24 @@ class DecodeStack {
     return out.view({T, q_dim});
   }
 
+  // LmHead.forward for fp32 rows x [n, hidden] (no autograd): the exact matmul without the
+  // approximate copies; else int8 up to int8_max_rows rows, bf16 above, then the exact top-k.
+  at::Tensor head(const at::Tensor& x) const {
+    if (!head_.bf16) return at::linear(x, head_.weight);
+    const at::Tensor xb = x.to(at::kBFloat16);
+    const at::Tensor approx = head_.int8 && x.size(0) <= head_.int8_max_rows
+                                  ? at::_weight_int8pack_mm(xb, *head_.int8, *head_.int8_scale)
+                                  : at::linear(xb, *head_.bf16);
+    return quiver::lm_head_refine(approx, x, head_.weight, head_.exact_top);
+  }
+
   int64_t heads_, kv_heads_, head_dim_, inter_;
   double eps_;
   int64_t blocksize_;
   Kernel kernel_;
   std::vector<Layer> layers_;
+  at::Tensor embedding_;  // [V, hidden] (set_embedding)
+  Head head_;             // (set_head)
 };
 
 }  // namespace
@@ -436,6 +539,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_lora", &DecodeStack::set_lora)
       .def("num_layers", &DecodeStack::num_layers)
+      .def("set_embedding", &DecodeStack::set_embedding)
+      .def("set_head", &DecodeStack::set_head)
+      .def("has_head", &DecodeStack::has_head)
+      .def("step_logits", &DecodeStack::step_logits, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("matmul_floor", &DecodeStack::matmul_floor, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("paged_decode_attention", &quiver::paged_decode_attention,
