@@ -44,16 +44,9 @@ inline __m512 silu_mul16(__m512 g, __m512 u) {
 
 }  // namespace
 
-at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
-  TORCH_CHECK(x_.scalar_type() == at::kFloat && w_.scalar_type() == at::kFloat, "rms_norm runs in fp32");
-  const int64_t n = x_.size(-1);
-  TORCH_CHECK(w_.numel() == n, "rms_norm weight has ", w_.numel(), " elements for rows of ", n);
-  const at::Tensor x = x_.contiguous(), w = w_.contiguous();
-  at::Tensor out = at::empty_like(x);
-  const int64_t rows = x.numel() / n;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// rms_norm over `rows` contiguous rows of n (the tensor form below, and the C++ decode layers'
+// plain path: one compiled loop, so both give the same bits)
+void rms_norm_rows(const float* xp, const float* wp, int64_t rows, int64_t n, double eps, float* op) {
   const float feps = static_cast<float>(eps);
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -67,25 +60,27 @@ at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
       for (int64_t i = 0; i < n; ++i) orow[i] = wp[i] * (xr[i] * inv);
     }
   });
+}
+
+at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && w_.scalar_type() == at::kFloat, "rms_norm runs in fp32");
+  const int64_t n = x_.size(-1);
+  TORCH_CHECK(w_.numel() == n, "rms_norm weight has ", w_.numel(), " elements for rows of ", n);
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous();
+  at::Tensor out = at::empty_like(x);
+  rms_norm_rows(x.data_ptr<float>(), w.data_ptr<float>(), x.numel() / n, n, eps, out.data_ptr<float>());
   return out;
 }
 
-at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && cos_.scalar_type() == at::kFloat &&
-                  sin_.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(2) == 1,
-              "rotate: fp32 x [T, H, hd] with contiguous head rows");
-  const int64_t T = x.size(0), H = x.size(1), hd = x.size(2), half = hd / 2;
-  TORCH_CHECK(hd % 2 == 0 && cos_.numel() == T * hd && sin_.numel() == T * hd, "rotate: cos/sin must be [T, 1, hd]");
-  const at::Tensor cos = cos_.contiguous(), sin = sin_.contiguous();
-  at::Tensor out = at::empty({T, H, hd}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// rotate over x [T, H, hd] at strides (st, sh) (head rows contiguous) into out [T, H, hd]
+// contiguous; cos / sin [T, hd] (the tensor form below, and the decode layers' plain path)
+void rotate_rows(const float* xp, int64_t st, int64_t sh, const float* cp, const float* sp, int64_t T, int64_t H,
+                 int64_t hd, float* op) {
+  const int64_t half = hd / 2;
   at::parallel_for(0, T * H, std::max<int64_t>(1, 32768 / hd), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r / H, h = r % H;
-      const float* xr = xp + t * x.stride(0) + h * x.stride(1);
+      const float* xr = xp + t * st + h * sh;
       const float* c = cp + t * hd;
       const float* s = sp + t * hd;
       float* o = op + r * hd;
@@ -96,6 +91,18 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor&
       for (int64_t d = half; d < hd; ++d) o[d] = xr[d] * c[d] + xr[d - half] * s[d];
     }
   });
+}
+
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && cos_.scalar_type() == at::kFloat &&
+                  sin_.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(2) == 1,
+              "rotate: fp32 x [T, H, hd] with contiguous head rows");
+  const int64_t T = x.size(0), H = x.size(1), hd = x.size(2);
+  TORCH_CHECK(hd % 2 == 0 && cos_.numel() == T * hd && sin_.numel() == T * hd, "rotate: cos/sin must be [T, 1, hd]");
+  const at::Tensor cos = cos_.contiguous(), sin = sin_.contiguous();
+  at::Tensor out = at::empty({T, H, hd}, x.options());
+  rotate_rows(x.data_ptr<float>(), x.stride(0), x.stride(1), cos.data_ptr<float>(), sin.data_ptr<float>(), T, H,
+              hd, out.data_ptr<float>());
   return out;
 }
 

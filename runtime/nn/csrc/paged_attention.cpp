@@ -103,23 +103,36 @@ inline void axpy4(float* a, const float p[kTile], const float* const v[kTile], i
 
 }  // namespace
 
+void paged_decode_attention_into(const float* qp, int64_t B, int64_t H, int64_t hd, const at::Tensor& pool,
+                                 int64_t layer, const int64_t* tp, int64_t nb, const int64_t* lp,
+                                 const int64_t* lop, float* op);
+
 at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& pool, int64_t layer,
                                   const at::Tensor& table_, const at::Tensor& lens_,
                                   const at::Tensor& los_) {
-  TORCH_CHECK(q_.scalar_type() == at::kFloat && pool.scalar_type() == at::kFloat,
-              "paged attention runs in fp32");
-  TORCH_CHECK(pool.is_contiguous(), "the KV pool must be contiguous");
+  TORCH_CHECK(q_.scalar_type() == at::kFloat && q_.dim() == 3, "paged attention runs in fp32 on q [B, H, hd]");
   const at::Tensor q = q_.contiguous();
   const at::Tensor table = table_.to(at::kLong).contiguous();
   const at::Tensor lens = lens_.to(at::kLong).contiguous(), los = los_.to(at::kLong).contiguous();
-  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == q.size(0) && lens.numel() == q.size(0) &&
+                  los.numel() == q.size(0), "one block table, length and first key per row");
+  at::Tensor out = at::empty_like(q);
+  paged_decode_attention_into(q.data_ptr<float>(), q.size(0), q.size(1), q.size(2), pool, layer,
+                              table.data_ptr<int64_t>(), table.size(1), lens.data_ptr<int64_t>(),
+                              los.data_ptr<int64_t>(), out.data_ptr<float>());
+  return out;
+}
+
+// The same on raw rows (csrc/decode_stack.cpp's plain decode layers): q [B, H, hd] and out
+// contiguous, table [B, nb], lens and los [B] int64.
+void paged_decode_attention_into(const float* qp, int64_t B, int64_t H, int64_t hd, const at::Tensor& pool,
+                                 int64_t layer, const int64_t* tp, int64_t nb, const int64_t* lp,
+                                 const int64_t* lop, float* op) {
+  TORCH_CHECK(pool.scalar_type() == at::kFloat && pool.is_contiguous(), "the KV pool must be fp32 and contiguous");
   const int64_t blocks = pool.size(2), bs = pool.size(3), Hkv = pool.size(4);
   TORCH_CHECK(pool.size(5) == hd && H % Hkv == 0, "q and the cache disagree on heads");
-  const int64_t group = H / Hkv, nb = table.size(1);
+  const int64_t group = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int64_t* tp = table.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  const int64_t* lop = los.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {  // checked here: an error inside parallel_for is a worker's
     const int64_t lo = lop[b], len = lp[b];
     TORCH_CHECK(0 <= lo && lo < len && (len + bs - 1) / bs <= nb, "row ", b,
@@ -128,12 +141,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& pool, 
       TORCH_CHECK(0 <= tp[b * nb + j] && tp[b * nb + j] < blocks, "row ", b, " names block ",
                   tp[b * nb + j], " of ", blocks);
   }
-  at::Tensor out = at::empty_like(q);
-
-  const float* qp = q.data_ptr<float>();
   const float* kbase = pool.data_ptr<float>() + layer * 2 * blocks * bs * Hkv * hd;
   const float* vbase = kbase + blocks * bs * Hkv * hd;
-  float* op = out.data_ptr<float>();
   const int64_t row_stride = Hkv * hd;  // between consecutive token rows of one block
 
   // Keys i0..i1-1 of row b (counted from its first visible key) for kv head g: per query head
@@ -211,7 +220,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& pool, 
         }
       }
     });
-    return out;
+    return;
   }
   // partial[pair, chunk]: acc [group, hd], then m [group], l [group]
   const int64_t stride = group * (hd + 2);
@@ -253,7 +262,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& pool, 
       }
     }
   });
-  return out;
 }
 
 }  // namespace quiver
