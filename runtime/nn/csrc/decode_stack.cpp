@@ -26,8 +26,8 @@
 // against 5 us warm, the embedding lookup 111 against 7); the seven such ops of a step cost
 // ~0.3-0.6 ms of a ~4 ms batch-1 step.
 //
-// A pure decode step with no LoRA rows on a model without projection biases (the serving case:
-// every stream one token, base or prompt / prefix adapters) takes `plain_forward`: the same
+// A pure decode step on a model without projection biases whose LoRA rows (if any) are short
+// runs without DoRA (the serving case: every stream one token) takes `plain_forward`: the same
 // loops on raw rows in buffers kept from step to step, in place on one residual stream. No ATen
 // op runs between the kernels there: at batch 1 the ~25 a layer (allocations, views, the
 // contiguity and dtype checks) were ~13 us of a layer's ~70.
@@ -61,6 +61,7 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 void rotate_rows(const float* x, int64_t st, int64_t sh, const float* cos, const float* sin, int64_t T, int64_t H,
                  int64_t hd, float* out);
 at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
+void silu_mul_rows(const float* g, int64_t gs, const float* u, int64_t us, int64_t T, int64_t n, float* out);
 void silu_mul_bf16_rows(const at::BFloat16* gu, int64_t T, int64_t n, at::BFloat16* out);
 void convert_bf16(const float* src, at::BFloat16* dst, int64_t n);
 void convert_bf16(const at::BFloat16* src, float* dst, int64_t n);
@@ -332,8 +333,9 @@ class DecodeStack {
         else ad.long_runs.push_back({slot, a, b});
       }
     }
-    if (sa.all_decode && ad.path == 0 && !biased_ && x.is_contiguous() && x.scalar_type() == at::kFloat)
-      return plain_forward(x, cos, sin, pool, write_index, sa);
+    if (sa.all_decode && !biased_ && x.is_contiguous() && x.scalar_type() == at::kFloat &&
+        (ad.path == 0 || (!ad.any_dora && ad.long_runs.empty())))
+      return plain_forward(x, cos, sin, pool, write_index, sa, ad);
     for (int64_t i = 0; i < num_layers(); ++i) {
       const Layer& l = layers_[i];
       at::Tensor h = quiver::rms_norm(x, l.ln1, eps_);
@@ -526,12 +528,16 @@ class DecodeStack {
     return out.view({T, q_dim});
   }
 
-  // forward's layers for a pure decode step without LoRA rows or biases (see the top of the
-  // file): x [T, hidden] -> a new [T, hidden]. Op for op the general path's arithmetic, on raw
-  // rows: rms_norm_rows, the conversions, the kernels, rotate_rows, the cache rows' copies,
-  // paged_decode_attention_into, silu_mul_bf16_rows and the residual adds, in that order.
+  // forward's layers for a pure decode step without biases, its LoRA rows (if any) short runs
+  // without DoRA (see the top of the file): x [T, hidden] -> a new [T, hidden]. Op for op the
+  // general path's arithmetic, on raw rows: rms_norm_rows, the conversions, the kernels, each
+  // projection's LoRA runs (lora_runs_into on its fp32 output, where the general path's
+  // `adapt` runs them), rotate_rows, the cache rows' copies, paged_decode_attention_into, the
+  // MLP's activation (bf16 straight to down's input, or in fp32 where adapters touch the MLP,
+  // as `mlp`) and the residual adds, in that order.
   at::Tensor plain_forward(const at::Tensor& x_in, const at::Tensor& cos_, const at::Tensor& sin_,
-                           const at::Tensor& pool, const at::Tensor& write_index, const StepAttention& sa) const {
+                           const at::Tensor& pool, const at::Tensor& write_index, const StepAttention& sa,
+                           const StepAdapters& ad) const {
     const int64_t T = x_in.size(0), hidden = x_in.size(1), hd = head_dim_;
     const int64_t q_dim = heads_ * hd, kv_dim = kv_heads_ * hd, qkv_n = q_dim + 2 * kv_dim;
     TORCH_CHECK(pool.scalar_type() == at::kFloat && pool.is_contiguous() && write_index.scalar_type() == at::kLong &&
@@ -551,9 +557,9 @@ class DecodeStack {
 
     at::Tensor out = x_in.clone();  // the residual stream, updated in place layer by layer
     float* x = out.data_ptr<float>();
-    thread_local std::vector<float> hf, qkvf, qr, kr, att;  // fp32 rows kept for the next step
-    hf.resize(T * std::max(hidden, q_dim)), qkvf.resize(T * qkv_n), qr.resize(T * q_dim), kr.resize(T * kv_dim),
-        att.resize(T * q_dim);
+    thread_local std::vector<float> hf, qkvf, qr, kr, att, yf, guf, actf;  // fp32 rows kept for the next step
+    hf.resize(T * hidden), qkvf.resize(T * qkv_n), qr.resize(T * q_dim), kr.resize(T * kv_dim), att.resize(T * q_dim);
+    if (ad.path != 0) yf.resize(T * hidden), guf.resize(T * 2 * inter_), actf.resize(T * inter_);
     thread_local at::Tensor in_buf, act_buf;  // bf16: a kernel's input, the MLP's activation
     at::BFloat16* in = scratch(in_buf, T * std::max({hidden, q_dim, inter_})).data_ptr<at::BFloat16>();
     at::BFloat16* act = scratch(act_buf, T * inter_).data_ptr<at::BFloat16>();
@@ -561,11 +567,13 @@ class DecodeStack {
     const float* sp = sin.data_ptr<float>();
     for (int64_t i = 0; i < num_layers(); ++i) {
       const Layer& l = layers_[i];
-      // attention: q|k|v = qkv(norm(x)); rotate q, k; write k, v; attend; x += o_proj(.)
+      // attention: q|k|v = qkv(norm(x)) (+ LoRA); rotate q, k; write k, v; attend; x += o_proj(.)
       quiver::rms_norm_rows(x, l.ln1.data_ptr<float>(), T, hidden, eps_, hf.data());
       convert(hf.data(), in, T * hidden);
-      const at::BFloat16* o = run_kernel_raw(in, T, l.qkv);
-      convert(o, qkvf.data(), T * qkv_n);
+      convert(run_kernel_raw(in, T, l.qkv), qkvf.data(), T * qkv_n);
+      lora_raw(l.lora[kQ], ad, qkvf.data(), qkv_n, q_dim, hf.data(), hidden, hidden, T);
+      lora_raw(l.lora[kK], ad, qkvf.data() + q_dim, qkv_n, kv_dim, hf.data(), hidden, hidden, T);
+      lora_raw(l.lora[kV], ad, qkvf.data() + q_dim + kv_dim, qkv_n, kv_dim, hf.data(), hidden, hidden, T);
       quiver::rotate_rows(qkvf.data(), qkv_n, hd, cp, sp, T, heads_, hd, qr.data());
       quiver::rotate_rows(qkvf.data() + q_dim, qkv_n, hd, cp, sp, T, kv_heads_, hd, kr.data());
       float* kv = pool.data_ptr<float>() + i * 2 * rows * kv_dim;
@@ -576,14 +584,50 @@ class DecodeStack {
       quiver::paged_decode_attention_into(qr.data(), T, heads_, hd, pool, i, table.data_ptr<int64_t>(), table.size(1),
                                           lens.data_ptr<int64_t>(), los.data_ptr<int64_t>(), att.data());
       convert(att.data(), in, T * q_dim);
-      add_into(x, run_kernel_raw(in, T, l.o), T * hidden);
-      // MLP: x += down(silu(gate) * up), gate|up = gate_up(norm(x))
+      residual_raw(x, run_kernel_raw(in, T, l.o), l.lora[kO], ad, att.data(), q_dim, T, hidden, yf);
+      // MLP: x += down(silu(gate) * up) (+ LoRA), gate|up = gate_up(norm(x))
       quiver::rms_norm_rows(x, l.ln2.data_ptr<float>(), T, hidden, eps_, hf.data());
       convert(hf.data(), in, T * hidden);
-      quiver::silu_mul_bf16_rows(run_kernel_raw(in, T, l.gate_up), T, inter_, act);
-      add_into(x, run_kernel_raw(act, T, l.down), T * hidden);
+      const at::BFloat16* gu = run_kernel_raw(in, T, l.gate_up);
+      if (ad.path != 0 && (l.lora[kGate].defined() || l.lora[kUp].defined() || l.lora[kDown].defined())) {
+        convert(gu, guf.data(), T * 2 * inter_);  // `mlp`'s adapted form: fp32 g, u, activation
+        lora_raw(l.lora[kGate], ad, guf.data(), 2 * inter_, inter_, hf.data(), hidden, hidden, T);
+        lora_raw(l.lora[kUp], ad, guf.data() + inter_, 2 * inter_, inter_, hf.data(), hidden, hidden, T);
+        quiver::silu_mul_rows(guf.data(), 2 * inter_, guf.data() + inter_, 2 * inter_, T, inter_, actf.data());
+        convert(actf.data(), act, T * inter_);
+        residual_raw(x, run_kernel_raw(act, T, l.down), l.lora[kDown], ad, actf.data(), inter_, T, hidden, yf);
+      } else {
+        quiver::silu_mul_bf16_rows(gu, T, inter_, act);
+        add_into(x, run_kernel_raw(act, T, l.down), T * hidden);
+      }
     }
     return out;
+  }
+
+  // y [T, on] (row stride ys) += this projection's LoRA delta of x [T, in] (row stride xs):
+  // `adapt`'s runs, in place, where the step has LoRA rows and the projection has slots
+  void lora_raw(const LoraSlots& m, const StepAdapters& ad, float* y, int64_t ys, int64_t on, const float* x,
+                int64_t xs, int64_t in, int64_t T) const {
+    if (ad.path == 0 || !m.defined() || ad.short_runs.empty()) return;
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor yv = at::from_blob(y, {T, on}, {ys, 1}, opts);
+    const at::Tensor xv = at::from_blob(const_cast<float*>(x), {T, in}, {xs, 1}, opts);
+    quiver::lora_runs_into(yv, xv, m.A, m.Bt, m.bias, m.meta, ad.short_runs.data(),
+                           static_cast<int64_t>(ad.short_runs.size() / 3));
+  }
+
+  // x += the projection's output o (bf16 [T, n]) and, where `residual` adapts it, its LoRA
+  // delta of in [T, in_n]: then o in fp32 (yf), the delta added there, x += yf
+  void residual_raw(float* x, const at::BFloat16* o, const LoraSlots& m, const StepAdapters& ad, const float* in,
+                    int64_t in_n, int64_t T, int64_t n, std::vector<float>& yf) const {
+    if (ad.path == 0 || !m.defined()) return add_into(x, o, T * n);
+    convert(o, yf.data(), T * n);
+    lora_raw(m, ad, yf.data(), n, n, in, in_n, in_n, T);
+    float* y = yf.data();
+    at::parallel_for(0, T * n, kConvertGrain, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+      for (int64_t j = begin; j < end; ++j) x[j] = x[j] + y[j];
+    });
   }
 
   // The fused kernel on a ready bf16 input [M, k]: its output [M, n] bf16 in this thread's

@@ -106,17 +106,12 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor&
   return out;
 }
 
-at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
-  TORCH_CHECK(g.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat && g.dim() == 2 &&
-                  u.sizes() == g.sizes() && g.stride(1) == 1 && u.stride(1) == 1,
-              "silu_mul: fp32 g, u [T, n] of one shape, rows contiguous");
-  const int64_t T = g.size(0), n = g.size(1);
-  at::Tensor out = at::empty({T, n}, g.options());
-  const float *gp = g.data_ptr<float>(), *up = u.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// silu_mul over rows of n at row strides gs, us (contiguous out [T, n]): the tensor form below
+// and the decode layers' plain path with adapters on the MLP
+void silu_mul_rows(const float* gp, int64_t gs, const float* up, int64_t us, int64_t T, int64_t n, float* op) {
   at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const float *gr = gp + t * g.stride(0), *ur = up + t * u.stride(0);
+      const float *gr = gp + t * gs, *ur = up + t * us;
       float* o = op + t * n;
       int64_t i = 0;
 #if defined(__AVX512F__)
@@ -126,6 +121,15 @@ at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
       for (; i < n; ++i) o[i] = silu_mul1(gr[i], ur[i]);
     }
   });
+}
+
+at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
+  TORCH_CHECK(g.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat && g.dim() == 2 &&
+                  u.sizes() == g.sizes() && g.stride(1) == 1 && u.stride(1) == 1,
+              "silu_mul: fp32 g, u [T, n] of one shape, rows contiguous");
+  const int64_t T = g.size(0), n = g.size(1);
+  at::Tensor out = at::empty({T, n}, g.options());
+  silu_mul_rows(g.data_ptr<float>(), g.stride(0), u.data_ptr<float>(), u.stride(0), T, n, out.data_ptr<float>());
   return out;
 }
 
