@@ -16,7 +16,8 @@ run cold after the weights' stream, ~50-100 us each, so the embedding, the final
 head went in too). The C++ layer issues the
 modules' ATen ops in the same order (model.py, attention.py, rotary.py, kernels.py), so both
 paths give the same bits; tests/nn/test_native.py holds them to it, and the Python modules stay
-the reference and the path of every other step (prefill, mixed batches, LoRA, training, CUDA).
+the reference and the path of every other step (training, the prompt-tuning KV precompute,
+the gather LoRA path, CUDA).
 
 The stack exists only where all of it applies: every projection on the fused CPU kernel with
 q/k/v and gate/up merged (runtime/nn/groups.py), fp32 activations and cache. It is built once,
