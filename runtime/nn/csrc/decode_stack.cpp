@@ -372,8 +372,7 @@ class DecodeStack {
     }
     const int64_t T = h.size(0);
     const at::Tensor& gu = kernel_out(h, l.gate_up);  // [T, 2 inter] bf16
-    thread_local at::Tensor act;  // [T, inter] bf16: down's input
-    at::Tensor& a = scratch(act, T * inter_);
+    at::Tensor& a = activation_buffer(T * inter_);  // [T, inter] bf16: down's input
     quiver::silu_mul_bf16_rows(gu.data_ptr<at::BFloat16>(), T, inter_, a.data_ptr<at::BFloat16>());
     return add_output(x, run_kernel(a, T, l.down));
   }
@@ -391,13 +390,7 @@ class DecodeStack {
   // x + float(out): a kernel's bf16 output [M, hidden] added into the residual stream, one pass
   at::Tensor add_output(const at::Tensor& x, const at::Tensor& out) const {
     at::Tensor r = at::empty_like(x);
-    const float* xp = x.data_ptr<float>();
-    const at::BFloat16* op = out.data_ptr<at::BFloat16>();
-    float* rp = r.data_ptr<float>();
-    at::parallel_for(0, r.numel(), kConvertGrain, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-      for (int64_t i = begin; i < end; ++i) rp[i] = xp[i] + static_cast<float>(op[i]);
-    });
+    add_rows(x.data_ptr<float>(), out.data_ptr<at::BFloat16>(), r.data_ptr<float>(), r.numel());
     return r;
   }
 
@@ -407,20 +400,38 @@ class DecodeStack {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == w.k, "fused matmul input");
     const at::Tensor xc = x.contiguous();
     const int64_t M = xc.size(0);
-    thread_local at::Tensor bf16_in;  // reused by every call on this thread
-    at::Tensor& a = scratch(bf16_in, M * w.k);  // [M, k] bf16
+    at::Tensor& a = input_buffer(M * w.k);  // [M, k] bf16
     convert(xc.data_ptr<float>(), a.data_ptr<at::BFloat16>(), M * w.k);
     return run_kernel(a, M, w);
   }
 
   // The fused kernel on a ready bf16 input a [M, k] (scratch of at least M * k): its output
-  // [M, n] bf16 in this thread's scratch, valid until the next call.
+  // [M, n] bf16 in this thread's kernel buffer, valid until the next call.
   const at::Tensor& run_kernel(const at::Tensor& a, int64_t M, const Fused4bit& w) const {
-    thread_local at::Tensor bf16_out;  // reused by every call on this thread
-    at::Tensor& out = scratch(bf16_out, M * w.n);  // [M, n] bf16
-    kernel_(M, w.n, w.k, a.data_ptr(), w.packed.data_ptr(), w.absmax.data_ptr(),
-            out.data_ptr(), blocksize_, w.k, w.n);
-    return out;
+    run_kernel_raw(a.data_ptr<at::BFloat16>(), M, w);
+    return kernel_buffer(M * w.n);
+  }
+
+  // The same on raw rows: a pointer to the output in the kernel buffer.
+  const at::BFloat16* run_kernel_raw(const at::BFloat16* a, int64_t M, const Fused4bit& w) const {
+    at::Tensor& out = kernel_buffer(M * w.n);
+    kernel_(M, w.n, w.k, a, w.packed.data_ptr(), w.absmax.data_ptr(), out.data_ptr(), blocksize_, w.k, w.n);
+    return out.data_ptr<at::BFloat16>();
+  }
+
+  // This thread's bf16 buffers (at least n elements each), reused by every step of both paths:
+  // the kernels' outputs, their inputs, and the MLP's activation (down's input)
+  static at::Tensor& kernel_buffer(int64_t n) {
+    thread_local at::Tensor buf;
+    return scratch(buf, n);
+  }
+  static at::Tensor& input_buffer(int64_t n) {
+    thread_local at::Tensor buf;
+    return scratch(buf, n);
+  }
+  static at::Tensor& activation_buffer(int64_t n) {
+    thread_local at::Tensor buf;
+    return scratch(buf, n);
   }
 
   // A bf16 buffer of at least n elements, grown as needed and kept for the next call: the
@@ -474,18 +485,26 @@ class DecodeStack {
   // same bytes without two ATen calls a layer. k, v [T, Hkv, hd] with contiguous rows.
   void write_cache(const at::Tensor& pool, int64_t layer, const at::Tensor& index,
                    const at::Tensor& k, const at::Tensor& v) const {
-    TORCH_CHECK(pool.scalar_type() == at::kFloat && pool.is_contiguous() && index.scalar_type() == at::kLong &&
-                    index.is_contiguous(), "KV write: fp32 contiguous pool and int64 rows");
-    const int64_t row = kv_heads_ * head_dim_, rows = pool.size(2) * pool.size(3), T = k.size(0);
-    float* base = pool.data_ptr<float>() + layer * 2 * rows * row;
-    const int64_t* ip = index.data_ptr<int64_t>();
-    for (const auto& [src, half] : {std::pair<const at::Tensor*, int64_t>{&k, 0}, {&v, 1}}) {
+    TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == k.size(0),
+                "KV write: one int64 row per token");
+    for (const at::Tensor* src : {&k, &v})
       TORCH_CHECK(src->stride(2) == 1 && src->stride(1) == head_dim_, "KV write: rows must be contiguous");
-      const float* sp = src->data_ptr<float>();
-      for (int64_t t = 0; t < T; ++t) {
-        TORCH_CHECK(0 <= ip[t] && ip[t] < rows, "KV write: row ", ip[t], " outside the pool's ", rows);
-        std::memcpy(base + (half * rows + ip[t]) * row, sp + t * src->stride(0), row * sizeof(float));
-      }
+    write_rows(pool, layer, index.data_ptr<int64_t>(), k.size(0), k.data_ptr<float>(), k.stride(0),
+               v.data_ptr<float>(), v.stride(0));
+  }
+
+  // The same on raw rows: token t's key row (Hkv * hd floats) at k + t * ks, its value at
+  // v + t * vs, to pool row index[t]. Every row is checked before the first is written.
+  void write_rows(const at::Tensor& pool, int64_t layer, const int64_t* index, int64_t T, const float* k,
+                  int64_t ks, const float* v, int64_t vs) const {
+    TORCH_CHECK(pool.scalar_type() == at::kFloat && pool.is_contiguous(), "KV write: fp32 contiguous pool");
+    const int64_t row = kv_heads_ * head_dim_, rows = pool.size(2) * pool.size(3);
+    for (int64_t t = 0; t < T; ++t)
+      TORCH_CHECK(0 <= index[t] && index[t] < rows, "KV write: row ", index[t], " outside the pool's ", rows);
+    float* base = pool.data_ptr<float>() + layer * 2 * rows * row;
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(base + index[t] * row, k + t * ks, row * sizeof(float));
+      std::memcpy(base + (rows + index[t]) * row, v + t * vs, row * sizeof(float));
     }
   }
 
@@ -540,9 +559,8 @@ class DecodeStack {
                            const StepAdapters& ad) const {
     const int64_t T = x_in.size(0), hidden = x_in.size(1), hd = head_dim_;
     const int64_t q_dim = heads_ * hd, kv_dim = kv_heads_ * hd, qkv_n = q_dim + 2 * kv_dim;
-    TORCH_CHECK(pool.scalar_type() == at::kFloat && pool.is_contiguous() && write_index.scalar_type() == at::kLong &&
-                    write_index.is_contiguous() && write_index.numel() == T,
-                "KV write: fp32 contiguous pool and int64 rows");
+    TORCH_CHECK(write_index.scalar_type() == at::kLong && write_index.is_contiguous() && write_index.numel() == T,
+                "KV write: one int64 row per token");
     const at::Tensor cos = cos_.contiguous(), sin = sin_.contiguous();
     TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.numel() == T * hd &&
                     sin.numel() == T * hd, "rotate: cos/sin must be [T, 1, hd]");
@@ -550,19 +568,15 @@ class DecodeStack {
                      los = sa.los->to(at::kLong).contiguous();
     TORCH_CHECK(table.dim() == 2 && table.size(0) == T && lens.numel() == T && los.numel() == T,
                 "one block table, length and first key per row");
-    const int64_t rows = pool.size(2) * pool.size(3);
     const int64_t* wi = write_index.data_ptr<int64_t>();
-    for (int64_t t = 0; t < T; ++t)
-      TORCH_CHECK(0 <= wi[t] && wi[t] < rows, "KV write: row ", wi[t], " outside the pool's ", rows);
 
     at::Tensor out = x_in.clone();  // the residual stream, updated in place layer by layer
     float* x = out.data_ptr<float>();
     thread_local std::vector<float> hf, qkvf, qr, kr, att, yf, guf, actf;  // fp32 rows kept for the next step
     hf.resize(T * hidden), qkvf.resize(T * qkv_n), qr.resize(T * q_dim), kr.resize(T * kv_dim), att.resize(T * q_dim);
     if (ad.path != 0) yf.resize(T * hidden), guf.resize(T * 2 * inter_), actf.resize(T * inter_);
-    thread_local at::Tensor in_buf, act_buf;  // bf16: a kernel's input, the MLP's activation
-    at::BFloat16* in = scratch(in_buf, T * std::max({hidden, q_dim, inter_})).data_ptr<at::BFloat16>();
-    at::BFloat16* act = scratch(act_buf, T * inter_).data_ptr<at::BFloat16>();
+    at::BFloat16* in = input_buffer(T * std::max(hidden, q_dim)).data_ptr<at::BFloat16>();  // a kernel's input
+    at::BFloat16* act = activation_buffer(T * inter_).data_ptr<at::BFloat16>();  // down's input
     const float* cp = cos.data_ptr<float>();
     const float* sp = sin.data_ptr<float>();
     for (int64_t i = 0; i < num_layers(); ++i) {
@@ -576,11 +590,7 @@ class DecodeStack {
       lora_raw(l.lora[kV], ad, qkvf.data() + q_dim + kv_dim, qkv_n, kv_dim, hf.data(), hidden, hidden, T);
       quiver::rotate_rows(qkvf.data(), qkv_n, hd, cp, sp, T, heads_, hd, qr.data());
       quiver::rotate_rows(qkvf.data() + q_dim, qkv_n, hd, cp, sp, T, kv_heads_, hd, kr.data());
-      float* kv = pool.data_ptr<float>() + i * 2 * rows * kv_dim;
-      for (int64_t t = 0; t < T; ++t) {
-        std::memcpy(kv + wi[t] * kv_dim, kr.data() + t * kv_dim, kv_dim * sizeof(float));
-        std::memcpy(kv + (rows + wi[t]) * kv_dim, qkvf.data() + t * qkv_n + q_dim + kv_dim, kv_dim * sizeof(float));
-      }
+      write_rows(pool, i, wi, T, kr.data(), kv_dim, qkvf.data() + q_dim + kv_dim, qkv_n);
       quiver::paged_decode_attention_into(qr.data(), T, heads_, hd, pool, i, table.data_ptr<int64_t>(), table.size(1),
                                           lens.data_ptr<int64_t>(), los.data_ptr<int64_t>(), att.data());
       convert(att.data(), in, T * q_dim);
@@ -598,7 +608,7 @@ class DecodeStack {
         residual_raw(x, run_kernel_raw(act, T, l.down), l.lora[kDown], ad, actf.data(), inter_, T, hidden, yf);
       } else {
         quiver::silu_mul_bf16_rows(gu, T, inter_, act);
-        add_into(x, run_kernel_raw(act, T, l.down), T * hidden);
+        add_rows(x, run_kernel_raw(act, T, l.down), x, T * hidden);
       }
     }
     return out;
@@ -620,30 +630,19 @@ class DecodeStack {
   // delta of in [T, in_n]: then o in fp32 (yf), the delta added there, x += yf
   void residual_raw(float* x, const at::BFloat16* o, const LoraSlots& m, const StepAdapters& ad, const float* in,
                     int64_t in_n, int64_t T, int64_t n, std::vector<float>& yf) const {
-    if (ad.path == 0 || !m.defined()) return add_into(x, o, T * n);
+    if (ad.path == 0 || !m.defined()) return add_rows(x, o, x, T * n);
     convert(o, yf.data(), T * n);
     lora_raw(m, ad, yf.data(), n, n, in, in_n, in_n, T);
-    float* y = yf.data();
-    at::parallel_for(0, T * n, kConvertGrain, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-      for (int64_t j = begin; j < end; ++j) x[j] = x[j] + y[j];
-    });
+    add_rows(x, yf.data(), x, T * n);
   }
 
-  // The fused kernel on a ready bf16 input [M, k]: its output [M, n] bf16 in this thread's
-  // scratch (run_kernel's), valid until the next call.
-  const at::BFloat16* run_kernel_raw(const at::BFloat16* a, int64_t M, const Fused4bit& w) const {
-    thread_local at::Tensor bf16_out;
-    at::Tensor& out = scratch(bf16_out, M * w.n);
-    kernel_(M, w.n, w.k, a, w.packed.data_ptr(), w.absmax.data_ptr(), out.data_ptr(), blocksize_, w.k, w.n);
-    return out.data_ptr<at::BFloat16>();
-  }
-
-  // x += float(o) over n elements: add_output's arithmetic, in place
-  static void add_into(float* x, const at::BFloat16* o, int64_t n) {
+  // out[i] = x[i] + float(y[i]) over n elements, out possibly x itself (in place): every
+  // residual add of both paths, y a kernel's bf16 output or an adapted projection's fp32 one
+  template <typename Y>
+  static void add_rows(const float* x, const Y* y, float* out, int64_t n) {
     at::parallel_for(0, n, kConvertGrain, [&](int64_t begin, int64_t end) {
 #pragma omp simd
-      for (int64_t i = begin; i < end; ++i) x[i] = x[i] + static_cast<float>(o[i]);
+      for (int64_t i = begin; i < end; ++i) out[i] = x[i] + static_cast<float>(y[i]);
     });
   }
 
@@ -678,7 +677,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("num_layers", &DecodeStack::num_layers)
       .def("set_embedding", &DecodeStack::set_embedding)
       .def("set_head", &DecodeStack::set_head)
-      .def("has_head", &DecodeStack::has_head)
       .def("step_logits", &DecodeStack::step_logits, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("matmul_floor", &DecodeStack::matmul_floor, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
