@@ -97,7 +97,7 @@ class EngineLoop:
         """bind_threads: pin the step thread's OpenMP team one thread per CPU when it starts
         stepping (runtime/nn/kernels.py::bind_threads; `quiver serve --bind-threads`)."""
         self.engine = engine
-        self.bind_threads = bind_threads
+        self.pin_threads = bind_threads  # (not `bind_threads`: that name is the function)
         self.bound_cpus: list[int] | None = None  # where the team was pinned, if it was
         self.on_step = on_step  # callback(StepStats) after every non-empty step (metrics)
         self.background = None  # callback(busy, step_s) -> did work (module docstring)
@@ -163,7 +163,7 @@ class EngineLoop:
         # OpenMP keeps a thread count per thread: re-apply torch's (--threads) here, so that the
         # kernels this thread calls outside torch (bitsandbytes') use the same count.
         torch.set_num_threads(torch.get_num_threads())
-        if self.bind_threads:
+        if self.pin_threads:
             self.bound_cpus = bind_threads()
             log.info("engine threads pinned to CPUs %s", self.bound_cpus if self.bound_cpus else "(not: "
                      "threads other than the CPUs, or no native extension)")
