@@ -22,18 +22,21 @@ the gather LoRA path, CUDA).
 The stack exists only where all of it applies: every projection on the fused CPU kernel with
 q/k/v and gate/up merged (runtime/nn/groups.py), fp32 activations and cache. It is built once,
 at `make setup` (`python -m runtime.nn.native`), into the environment (`<venv>/quiver-native`);
-a process that finds it missing or stale builds it then (~20 s, under torch's own build lock).
+a process that finds it missing or stale builds it then (~40-110 s on 2 cores, one process at a
+time: `_build_lock`).
 Without a compiler, or with QUIVER_NATIVE_DECODE=0, the Python modules run every step: same
 output, slower.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,8 +49,8 @@ SOURCES = [Path(__file__).with_name("csrc") / f for f in ("decode_stack.cpp", "p
 #: built where it runs, so for this CPU. -fopenmp: ATen's `at::parallel_for` is a header template
 #: whose OpenMP region is compiled into the caller, so without it every loop here ran on one
 #: thread; the library it links is torch's own (libgomp.so.1, already loaded by torch).
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 #: a layer's projections in the C++ stack's order (its `Member` enum)
 MEMBERS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
            ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
@@ -56,6 +59,8 @@ LORA_PATHS = {"runs": 1}
 _NO_LORA = (0, None, False, None)
 #: set to 0 to run every step through the Python modules (same output; for comparison)
 ENV_SWITCH = "QUIVER_NATIVE_DECODE"
+#: a load that took longer than this compiled: said in the log (a server's first load, stale sources)
+BUILD_NOTICE_S = 5.0
 
 
 def build_directory() -> Path:
@@ -76,12 +81,42 @@ def extension():
         _ninja_on_path()
         out = build_directory()
         out.mkdir(parents=True, exist_ok=True)
-        return load("quiver_native", [str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                    build_directory=str(out), verbose=False)
+        with _build_lock(out):
+            t0 = time.monotonic()
+            # fresh lists: the loader appends torch's own flags to the ones it is given, and a
+            # second load in a process (tests) with other flags than the first is a rebuild as
+            # `quiver_native_v1`, then another in the next process that loads the first name
+            ext = load("quiver_native", [str(s) for s in SOURCES], extra_cflags=list(CFLAGS),
+                       extra_ldflags=list(LDFLAGS), build_directory=str(out), verbose=False)
+        if time.monotonic() - t0 > BUILD_NOTICE_S:
+            log.info("native decode path built in %.0f s (missing or stale in %s)", time.monotonic() - t0, out)
+        return ext
     except Exception as e:  # no compiler, no ninja, headers missing: the Python path serves
         log.warning("native decode path unavailable (%s: %s); decode steps run the Python modules",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path):
+    """Held around torch's loader, by one process at a time. The loader guards its build with a
+    lock *file* (torch.utils.file_baton) that every other process polls until it is gone: a
+    process killed inside the loader (SIGKILL, OOM) leaves it behind, and every later one then
+    waits for ever in its first model load. An flock is released by the kernel when its holder
+    dies, so under it no live process is inside the loader, and a lock file found there is such a
+    leftover: it is removed."""
+    import fcntl
+
+    with open(out / "quiver-build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            left = out / "lock"
+            if left.exists():
+                log.warning("removing %s, left by a process killed while it built the native decode path", left)
+                left.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _ninja_on_path() -> None:

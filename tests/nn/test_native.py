@@ -200,8 +200,27 @@ def test_switched_off_by_the_environment(monkeypatch):
     finally:
         monkeypatch.delenv(native.ENV_SWITCH)
         native.extension.cache_clear()
-    assert native.extension() is not None
+    # loaded again in this process: the same build (torch's loader once took flags it had
+    # changed itself for new ones and rebuilt the whole extension as quiver_native_v1)
+    assert native.extension().__name__ == "quiver_native"
 
+
+def test_a_build_lock_left_by_a_killed_process_does_not_stop_the_next_load():
+    """torch's loader polls its lock file until it is gone; one left by a process killed in the
+    loader used to hang every later first model load (native._build_lock)."""
+    import subprocess
+    import sys
+
+    left = native.build_directory() / "lock"
+    left.write_text("")  # what a builder killed mid-build leaves
+    try:
+        done = subprocess.run([sys.executable, "-c", "from runtime.nn import native; "
+                               "print(native.extension() is not None)"],
+                              capture_output=True, text=True, timeout=240)
+    finally:
+        left.unlink(missing_ok=True)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
+    assert "left by a process killed" in done.stderr
 
 # ---- LoRA rows in the C++ layers ------------------------------------------------------------
 SLOTS, MAX_RANK = 6, 8
