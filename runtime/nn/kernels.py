@@ -22,7 +22,6 @@ standard layout: the choice is made per projection, never aborting.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import logging
@@ -118,12 +117,13 @@ def bind_threads() -> list[int] | None:
 
     Why: a step's team meets at a barrier in each of its ~150 parallel regions, so it runs at
     the pace of its slowest thread. Unpinned, Linux sometimes leaves two of its threads on one
-    core for milliseconds after another thread has run (a fine-tuning job's piece, a gRPC or
-    HTTP thread), each spinning while the other waits: measured on 2 cores, 1-3% of the decode
-    steps after a training piece took 3-5x their time (15-40 ms for a 5 ms step), none pinned.
-    Threads the caller starts later inherit its CPU (a job's piece thread, which runs only
-    while the caller waits; runtime/training/pieces.py); `unpinned` gives a thread the whole
-    mask back."""
+    core for milliseconds after another thread has run (a gRPC or HTTP thread; a fine-tuning
+    job's piece, when pieces had a thread of their own), each spinning while the other waits:
+    measured on 2 cores, 1-3% of the decode steps after such a piece took 3-5x their time
+    (15-40 ms for a 5 ms step), none pinned.
+    Threads the caller starts later inherit its CPU; `unpinned` gives a thread the whole mask
+    back (helpers that run beside the steps: a job's file writes, tokenizing, publishing).
+    A job's pieces run on the engine thread itself, with this team (runtime/training/pieces.py)."""
     from runtime.nn.native import bind_threads_kernel
 
     cpus = sorted(_AFFINITY)
@@ -139,19 +139,6 @@ def unpinned() -> None:
     pinned one: `bind_threads`)."""
     if _AFFINITY:
         os.sched_setaffinity(0, _AFFINITY)
-
-
-@contextlib.contextmanager
-def floating():
-    """The calling thread on every CPU of the process's mask for the block, then pinned as it
-    was (a job's piece thread while it writes files beside the serving steps)."""
-    saved = os.sched_getaffinity(0) if _AFFINITY else None
-    unpinned()
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.sched_setaffinity(0, saved)
 
 
 def cpu_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:

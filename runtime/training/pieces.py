@@ -1,12 +1,13 @@
-"""A call run in pieces of bounded time between engine steps: a coroutine on a helper thread.
+"""A call run in pieces of bounded time between engine steps: a coroutine (a greenlet) on the
+engine thread.
 
-    engine thread                               piece thread
+    engine thread, its greenlet             the call's greenlet (same thread)
     done, value = call.run(fn, budget_s)  --->  fn() ... pause_point(): would the stretch to the
-                 (waits)                  <---      next point end past the deadline? yes:
-                                                    hand back, wait to be resumed
+                                          <---      next point end past the deadline? yes:
+                                                    hand back
     serving steps
     done, value = call.run(fn, budget_s)  --->      ... fn goes on where it stopped
-                 (waits)                  <---  fn returned: done, its value
+                                          <---  fn returned: done, its value
 
 One optimizer step of a job on the embedded model takes ~0.5 s, a decode step ~5 ms: run
 whole, a step is a gap of ~100 tokens' time in every stream beside it. Here the step pauses at
@@ -21,33 +22,43 @@ batch's ~180 tokens), 99.9% within 2.9 ms; before, 49 ms (the loss over the voca
 when the stretch after it took longer than the time left the last time it was passed, so a
 piece ends within its budget rather than up to one stretch past it.
 
-Exactly one of the two threads runs at any moment (a strict hand-off through two semaphores),
-so the call is the very computation an uninterrupted one is, the same ops in the same order on
-one thread, only stretched in time: a sliced step is bit-identical to a whole one by
-construction (tests/training/test_pieces.py checks it), whatever the split and the budget.
-The piece thread keeps torch's thread count of the engine thread and has grad mode on (both
-are per thread); torch's RNG is global, so a caller that swaps it around `run` (slices.py)
-swaps it for the piece too.
+Why a greenlet, not a thread: the call runs on the engine thread, so its torch ops use the
+engine thread's own OpenMP team, the one the serving steps use. A piece thread needed a team of
+its own, and two teams oversubscribe the cores (libgomp then stops spinning in both: measured,
+2 cores, a job's rate 0.51x and the streams' TPOT 3.8x), so its pieces ran on one thread, twice
+as long per stretch, and the decode step after a piece often found its team's threads moved
+onto one core. Measured beside a base stream (bench.train_bench's setting, 2 cores): a busy
+slice's wall time, median / p99, 4.2 / 10.1 ms with the piece thread, 2.2 / 4.3 ms here.
+
+The call is the very computation an uninterrupted one is: the same ops in the same order on
+the same thread and team, only stretched in time, so a sliced step is bit-identical to a whole
+one by construction (tests/training/test_pieces.py checks it), whatever the split and the
+budget. Grad mode is per thread: the call runs with it on and every hand-off gives the caller
+its own back. torch's RNG is global, so a caller that swaps it around `run` (slices.py) swaps
+it for the call too. A switch happens only at a pause point, in Python (a module hook, a grad
+hook, the trainer's loop), never inside an op or a parallel region.
 
 One exception to the hand-off: `outside(fn)` runs blocking work that no serving step depends
-on (a checkpoint's file writes and fsyncs, ~50-70 ms of mostly waiting on the disk) with the
-engine let go: the piece hands back first, and goes on once both `fn` is done and it is resumed.
+on (a checkpoint's file writes and fsyncs, ~50-70 ms of mostly waiting on the disk) on a helper
+thread: the call hands back at once, and goes on once `fn` is done and it is resumed.
 
-`abandon` ends a call paused mid-way: its next pause point raises `Abandoned` on the piece
-thread, which unwinds it (a cancelled job: its half-done step is dropped with it).
+`abandon` ends a call paused mid-way: it is resumed once more, its pause point raises
+`Abandoned`, and the call unwinds (a cancelled job: its half-done step is dropped with it).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import sys
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Hashable
 
+import greenlet
 import torch
 from torch import nn
 
-from runtime.nn.kernels import floating
+from runtime.nn.kernels import unpinned
 
 
 class Abandoned(BaseException):
@@ -56,56 +67,53 @@ class Abandoned(BaseException):
 
 
 class PiecewiseCall:
-    def __init__(self, threads: int, name: str = "quiver-train-piece"):
-        self._threads = threads
-        self._resume = threading.Semaphore(0)  # engine -> piece thread: go on
-        self._handback = threading.Semaphore(0)  # piece thread -> engine: paused or done
+    def __init__(self, name: str = "quiver-train-outside"):
+        self._glet: greenlet.greenlet | None = None  # the call in flight (None: none)
+        self._home: greenlet.greenlet | None = None  # what runs it (the engine thread's greenlet)
+        self._home_grad = False  # the caller's grad mode, given back at every hand-back
         self._deadline = 0.0
-        self._fn: Callable[[], Any] | None = None  # the call in flight (None: none)
-        self._outcome: tuple[bool, Any] | None = None  # (ok, value or exception)
-        self._abandon = self._closing = False
-        self._outside = False  # the piece thread is in an `outside` fn (set before it hands back)
-        # piece thread only: how long the stretch after each pause point took last time, and
-        # the last point passed (its key, when); a point hands back early if its stretch would
-        # end past the deadline (`pause_point`)
+        self._abandon = False
+        self._outside: Future | None = None  # an `outside` fn at work on the helper thread
+        # the helper thread for `outside`: on any CPU, not the engine thread's pinned one
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=unpinned)
+        # the call only: how long the stretch after each pause point took last time, and the
+        # last point passed (its key, when); a point hands back early if its stretch would end
+        # past the deadline (`pause_point`)
         self._stretch: dict[Hashable, float] = {}
         self._last: tuple[Hashable, float] | None = None
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
 
     @property
     def in_flight(self) -> bool:
-        return self._fn is not None
+        return self._glet is not None
 
     @property
     def outside_busy(self) -> bool:
         """The call is running an `outside` fn (a `run` now would wait for it to end)."""
-        return self._outside
+        return self._outside is not None and not self._outside.done()
+
+    @property
+    def frame(self):
+        """The innermost frame of the call while it is paused (None when none is in flight)."""
+        return None if self._glet is None else self._glet.gr_frame
 
     def run(self, fn: Callable[[], Any], budget_s: float) -> tuple[bool, Any]:
-        """Engine thread: start `fn` (or go on with the call in flight, whatever `fn` is) for
-        about `budget_s`; (True, its value) once it returned, else (False, None). What `fn`
-        raises is raised here."""
-        if self._fn is None:
-            self._fn = fn
+        """Start `fn` (or go on with the call in flight, whatever `fn` is) for about `budget_s`,
+        on the calling thread; (True, its value) once it returned, else (False, None). What `fn`
+        raises is raised here. A call in an `outside` fn is waited for first."""
+        if self._glet is None:
+            self._glet = greenlet.greenlet(functools.partial(self._body, fn))
+            self._last = None
+        self._wait_outside()
         self._deadline = time.perf_counter() + budget_s
-        self._resume.release()
-        self._handback.acquire()
-        if self._fn is not None:
-            return False, None
-        ok, value = self._outcome
-        self._outcome = None
-        if not ok:
-            raise value
-        return True, value
+        return self._enter()
 
     def pause_point(self, key: Hashable = None) -> None:
-        """Piece thread (a no-op on any other): hand back if the piece's time is up, or would be
+        """In the call (a no-op anywhere else): hand back if the piece's time is up, or would be
         before the next pause point: the stretch that followed this point last time (the same
         `key`; default: the caller's code line) is taken to come again, so a piece ends within
         its budget instead of one stretch past it (measured: up to 5 ms past, at a 5 ms budget).
         Where the call resumes it always runs the stretch, so every piece moves it on."""
-        if threading.current_thread() is not self._thread:
+        if self._glet is None or greenlet.getcurrent() is not self._glet:
             return
         now = time.perf_counter()
         if key is None:
@@ -119,67 +127,86 @@ class PiecewiseCall:
         self._last = None
         if self._abandon:  # unwinding an abandoned call (a `finally` that writes): no hand-back
             raise Abandoned()
-        self._handback.release()
-        self._resume.acquire()
-        if self._abandon:
-            raise Abandoned()
+        self._hand_back()
         self._last = (key, time.perf_counter())
 
     def outside(self, fn: Callable[[], Any]) -> Any:
-        """Piece thread: hand back, run `fn` while the engine thread goes on, then wait to be
-        resumed (module docstring). `fn` must read nothing the engine writes and write nothing it
-        reads (files; the method's parameters, which only the call itself writes). Any other
-        thread: just `fn()`."""
-        if threading.current_thread() is not self._thread:
+        """In the call: run `fn` on the helper thread while the caller goes on (the call hands
+        back at once), and go on once it is resumed after `fn` ended (module docstring). `fn`
+        must read nothing the engine writes and write nothing it reads (files; the method's
+        parameters, which only the call itself writes). Anywhere else: just `fn()`."""
+        if self._glet is None or greenlet.getcurrent() is not self._glet:
             return fn()
         if self._abandon:
             raise Abandoned()
         self._last = None  # a stretch across `fn` says nothing of the next one
-        self._outside = True
-        self._handback.release()
-        try:
-            with floating():  # beside the engine's pinned threads, not on their CPU (kernels.bind_threads)
-                return fn()
-        finally:
-            self._outside = False
-            self._resume.acquire()
-            if self._abandon:
-                raise Abandoned()
+        self._outside = self._pool.submit(fn)
+        self._hand_back()  # resumed by `run` or `abandon`, both of which wait for `fn` first
+        done, self._outside = self._outside, None
+        return done.result()
 
     def abandon(self) -> None:
-        """Engine thread: unwind the call in flight, if any (its outcome is dropped)."""
-        if self._fn is None:
+        """Unwind the call in flight, if any (its outcome is dropped)."""
+        if self._glet is None:
             return
+        self._wait_outside()
         self._abandon = True
-        self._deadline = 0.0  # every pause point from here raises (the unwinding hands back once, at its end)
-        self._resume.release()
-        self._handback.acquire()
-        self._abandon = False
-        self._outcome = None
+        self._deadline = 0.0  # every pause point from here raises (the unwinding ends the call)
+        try:
+            self._enter()
+        finally:
+            self._abandon, self._outside = False, None
 
     def close(self) -> None:
-        """Abandon the call in flight and end the piece thread."""
+        """Abandon the call in flight and end the helper thread."""
         self.abandon()
-        self._closing = True
-        self._resume.release()
-        self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True)
 
-    def _serve(self) -> None:  # piece thread
-        torch.set_num_threads(self._threads)
+    # ---- the hand-off -------------------------------------------------------------------------
+    def _enter(self) -> tuple[bool, Any]:
+        """Switch into the call until it hands back or returns. Grad mode is per thread, so
+        both sides keep their own: the call runs with grad on, the caller gets its mode back."""
+        self._home = greenlet.getcurrent()
+        self._home_grad = torch.is_grad_enabled()
+        try:
+            outcome = self._glet.switch()
+        finally:
+            torch.set_grad_enabled(self._home_grad)
+        if outcome is _PAUSED:
+            return False, None
+        self._glet = None
+        if outcome is None:  # abandoned: unwound
+            return False, None
+        ok, value = outcome
+        if not ok:
+            raise value
+        return True, value
+
+    def _hand_back(self) -> None:
+        """In the call: back to `run`'s caller until the next `run` (or `abandon`) resumes it."""
+        grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(self._home_grad)
+        self._home.switch(_PAUSED)
+        torch.set_grad_enabled(grad)
+        if self._abandon:
+            raise Abandoned()
+
+    def _body(self, fn: Callable[[], Any]):
         torch.set_grad_enabled(True)
-        while True:
-            self._resume.acquire()
-            if self._closing:
-                return
-            self._last = None
-            try:
-                self._outcome = (True, self._fn())
-            except Abandoned:
-                self._outcome = None
-            except BaseException as e:  # noqa: BLE001 - handed to the engine thread, raised there
-                self._outcome = (False, e)
-            self._fn = None
-            self._handback.release()
+        try:
+            return True, fn()
+        except Abandoned:
+            return None
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
+            return False, e
+
+    def _wait_outside(self) -> None:
+        if self._outside is not None:
+            concurrent.futures.wait([self._outside])
+
+
+#: what a call hands back when it pauses (a value its own function never returns)
+_PAUSED = object()
 
 
 class PausePoints:

@@ -2,10 +2,10 @@
 
 The model is the very DecoderModel the engine serves (no second copy of the base). A slice is
 one piece of an optimizer step (or of the job's setup, or of its finish: the final eval and the
-export), bounded by a time budget (the scheduler's, scheduler.py): the step runs on a piece
-thread that pauses at the model's pause points once the budget is spent (pieces.py), so a whole
-step (~0.5 s on the embedded model), or a setup (0.1-0.7 s), never stands between two serving
-steps. Each piece runs inside `_piece`, on the engine thread's watch, between two engine steps:
+export), bounded by a time budget (the scheduler's, scheduler.py): the step runs as a
+coroutine on the engine thread that pauses at the model's pause points once the budget is spent
+(pieces.py), so a whole step (~0.5 s on the embedded model), or a setup (0.1-0.7 s), never
+stands between two serving steps. Each piece runs inside `_piece`, between two engine steps:
 
     enter   torch's global RNG -> the job's own (dropout, the adapter's init draw from it)
             the adapter attached: the LoRA family points every projection at the method's own
@@ -51,12 +51,8 @@ from trainer.loop import CHECKPOINTS, STATE_FILE, Trainer
 class ResidentRun:
     def __init__(self, cfg: TrainConfig, base: LoadedBase, examples: tuple[list, list]):
         self.cfg = cfg
-        # The piece thread computes on one thread: a second OpenMP team of the engine thread's
-        # size beside the engine's own oversubscribes the cores, and libgomp then stops spinning
-        # in every team (measured, 2 cores: a job's rate 0.51x quiver train's and the streams'
-        # TPOT 3.8x; with one thread 0.70x and 1.7x). Steps with no traffic beside them run
-        # whole on the engine thread and its team instead (`advance(whole=True)`).
-        self._call = PiecewiseCall(1)
+        # the pieces run on the engine thread, with its OpenMP team (pieces.py)
+        self._call = PiecewiseCall()
         # the step's own pause points (trainer/loop.py) are the call's
         self.trainer = Trainer(cfg, base, resident=True, examples=examples, pauses=self._call)
         self._rng: torch.Tensor | None = None
@@ -124,7 +120,7 @@ class ResidentRun:
 
     def close(self) -> None:
         """Detach for good and drop the adapter, its optimizer state and activations (a step in
-        flight is abandoned: its piece thread unwinds it)."""
+        flight is abandoned: it is unwound, pieces.py)."""
         abandoned = self._call.in_flight
         self._call.close()
         self._remove_hooks()
@@ -146,7 +142,7 @@ class ResidentRun:
             self._hooks = self._points.installed()
         with self._piece():
             if whole and not self._call.in_flight:
-                with torch.enable_grad():  # (the piece thread has it on for good)
+                with torch.enable_grad():  # (a call in pieces has it on: pieces.py)
                     done, value = True, fn()
             else:
                 done, value = self._call.run(fn, budget_s)

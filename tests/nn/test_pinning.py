@@ -47,17 +47,3 @@ def test_a_team_other_than_the_cpus_is_not_pinned(extra):
         pytest.skip("one CPU: no smaller team")
     bound, mine = _on_a_thread(len(cpus) + extra, kernels.bind_threads)
     assert bound is None and mine == cpus
-
-
-def test_a_pinned_thread_floats_for_a_block_and_is_pinned_again():
-    cpus = os.sched_getaffinity(0)
-
-    def pinned_then_floating():
-        kernels.bind_threads()
-        pinned = os.sched_getaffinity(0)
-        with kernels.floating():
-            inside = os.sched_getaffinity(0)
-        return pinned, inside, os.sched_getaffinity(0)
-
-    (pinned, inside, after), _ = _on_a_thread(len(cpus), pinned_then_floating)
-    assert pinned == {min(cpus)} and inside == cpus and after == pinned

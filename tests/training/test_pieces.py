@@ -5,7 +5,6 @@ trainer's own: the loss's vocabulary slices, clipping's and the optimizer's chun
 checkpoint's records), and a step abandoned mid-way (in its checkpoint too) lets go of everything."""
 from __future__ import annotations
 
-import sys
 import threading
 from dataclasses import replace
 
@@ -61,8 +60,8 @@ def _run_in_pieces(cfg, base, budget_s: float, between=None) -> tuple[ResidentRu
 
 
 def _paused_in(run: ResidentRun) -> set[str]:
-    """The functions on the piece thread's stack while it is paused (or in `outside`)."""
-    frame = sys._current_frames()[run._call._thread.ident]
+    """The functions on the call's stack while it is paused (or in `outside`)."""
+    frame = run._call.frame
     names = set()
     while frame is not None:
         names.add(frame.f_code.co_name)
@@ -222,7 +221,7 @@ def test_abandoning_a_step_mid_way_gives_the_model_back(data, base, tmp_path):
     assert run.advance(0.0) is None and run.mid_step
     run.close()
     assert {n: lin.lora for n, lin in linears.items()} == before
-    assert not base.model.training and not run._call._thread.is_alive()
+    assert not base.model.training and not run._call.in_flight
 
 
 def test_abandoning_a_step_in_its_checkpoint_writes_leaves_no_checkpoint(data, base, tmp_path):
@@ -234,17 +233,17 @@ def test_abandoning_a_step_in_its_checkpoint_writes_leaves_no_checkpoint(data, b
     assert run.mid_step and "save_in_pieces" in _paused_in(run)
     run.close()
     assert not (tmp_path / "out" / "checkpoints" / "step-000001").exists()
-    assert not base.model.training and not run._call._thread.is_alive()
+    assert not base.model.training and not run._call.in_flight
 
 
 def test_outside_lets_the_engine_thread_go_on_until_it_resumes_the_call():
-    call = PiecewiseCall(threads=1)
+    call = PiecewiseCall()
     engine_ran = threading.Event()
     order = []
 
     def fn():
         def io():
-            assert engine_ran.wait(10)  # the engine thread runs while this blocks
+            assert engine_ran.wait(10)  # the caller goes on while this blocks
             order.append("io")
             return 5
 
@@ -258,7 +257,7 @@ def test_outside_lets_the_engine_thread_go_on_until_it_resumes_the_call():
     assert call.run(fn, 10.0) == (True, 5)
     assert not call.outside_busy
     assert order == ["io", "after"]
-    assert call.outside(lambda: 7) == 7  # off the piece thread: just the call
+    assert call.outside(lambda: 7) == 7  # outside a call: just the call
     call.close()
 
 
@@ -267,7 +266,7 @@ def test_a_piece_hands_back_before_a_stretch_that_would_overrun_it():
     whose budget it would overrun ends at that point, and the next piece runs it."""
     import time
 
-    call = PiecewiseCall(threads=1)
+    call = PiecewiseCall()
     ran = []
 
     def fn():
@@ -302,8 +301,8 @@ def test_the_pause_points_hooks_stay_for_a_step_and_go_with_it(data, base, tmp_p
     assert not any(m._forward_hooks for m in modules)
 
 
-def test_a_call_raises_on_the_engine_thread_and_the_piece_thread_goes_on():
-    call = PiecewiseCall(threads=1)
+def test_a_call_raises_in_its_caller_and_the_next_call_runs():
+    call = PiecewiseCall()
 
     def fails():
         call.pause_point()
