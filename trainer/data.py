@@ -19,6 +19,7 @@ Any malformed row raises DataError naming the file and line. Examples longer tha
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -47,12 +48,13 @@ class Example:
 
 
 def load_examples(path: str | Path, tokenizer, max_seq_len: int,
-                  fallback_eos: int | None = None) -> list[Example]:
+                  fallback_eos: int | None = None, each_row=contextlib.nullcontext) -> list[Example]:
     """All usable examples of a JSONL file, in file order.
 
     Completions end with the tokenizer's end-of-sequence token, or `fallback_eos` (the model
     config's) when the tokenizer names none: the server stops on either, so what is trained to
-    end does end when served.
+    end does end when served. `each_row()`: a context manager around each row's tokenizing (a
+    job in the server pauses between rows and holds the shared tokenizer's lock for one row).
     """
     path = Path(path)
     if not path.is_file():
@@ -64,7 +66,8 @@ def load_examples(path: str | Path, tokenizer, max_seq_len: int,
                 continue
             row = _parse_line(path, line_no, line)
             try:
-                ids, labels = tokenize_row(row, tokenizer, fallback_eos)
+                with each_row():
+                    ids, labels = tokenize_row(row, tokenizer, fallback_eos)
             except ValueError as e:
                 raise DataError(f"{path}:{line_no}: {e}") from None
             ex = Example(tuple(ids[:max_seq_len]), tuple(labels[:max_seq_len]), line_no)

@@ -34,6 +34,7 @@ checkpoint. The base model is rebuilt from its files, deterministically.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -348,11 +349,12 @@ class Trainer:
         self.method = None
 
 
-def read_examples(cfg: TrainConfig, base: LoadedBase) -> tuple[list, list]:
-    """(train, eval) examples of cfg.data / cfg.eval_data, tokenized by the base's tokenizer."""
+def read_examples(cfg: TrainConfig, base: LoadedBase, each_row=contextlib.nullcontext) -> tuple[list, list]:
+    """(train, eval) examples of cfg.data / cfg.eval_data, tokenized by the base's tokenizer
+    (`each_row`: trainer.data.load_examples)."""
     eos = next(iter(base.config.eos_token_ids), None)
-    train = load_examples(cfg.data, base.tokenizer, cfg.max_seq_len, eos)
-    evals = load_examples(cfg.eval_data, base.tokenizer, cfg.max_seq_len, eos) if cfg.eval_data else []
+    train = load_examples(cfg.data, base.tokenizer, cfg.max_seq_len, eos, each_row)
+    evals = load_examples(cfg.eval_data, base.tokenizer, cfg.max_seq_len, eos, each_row) if cfg.eval_data else []
     return train, evals
 
 

@@ -4,16 +4,15 @@
         after every engine step (busy=True, step_s = that step's wall time) and whenever the
         engine is idle (busy=False); every call runs on the engine thread.
 
-A call does at most one of: pick up the next queued job (its files are tokenized on a helper
-thread, the `validating_files` phase, so the engine never waits on that), start a prepared job,
-run one slice of it (of bounded time: slices.py, pieces.py), or end it. A job's slices are, in
-order, the pieces of its setup (adapter + optimizer built, or restored from its last
+A call does at most one of: pick up the next queued job, run one slice of it (of bounded time:
+slices.py, pieces.py), or end it. A job's slices are, in order, the pieces of its files'
+tokenizing (the `validating_files` phase, a row at a time: `_prepare`), of its setup (adapter + optimizer built, or restored from its last
 checkpoint), of each optimizer step, and of its finish (the final eval, the adapter exported
 into the store); then the helper thread registers the adapter and publishes it to the store
 while the engine serves on, and the job is recorded and let go. No part of a job runs whole
 on the engine thread while requests are waiting (measured before, embedded model: the setup
-and the end were gaps of ~20 decode steps in every stream). Which job: the oldest pending one in SQLite; a restarted server
-picks its running job up again and resumes it.
+and the end were gaps of ~20 decode steps in every stream). Which job: the oldest pending one
+in SQLite; a restarted server picks its running job up again and resumes it.
 
 Time share (`TimeShare`): while requests are waiting or running, training may take at most
 --train-share of the engine thread's time, in slices of half a serving step. Every serving
@@ -33,6 +32,8 @@ embedded model).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import logging
 import os
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runtime.nn.kernels import unpinned
+from runtime.training.pieces import PiecewiseCall
 from runtime.training.slices import ResidentRun, latest_checkpoint
 from runtime.training.state import FINAL, State
 from trainer.config import TrainConfig
@@ -139,7 +141,7 @@ class Active:
     job_id: str
     fine_tuned_model: str
     cfg: TrainConfig
-    prep: Future | None = None  # (train, eval) examples being tokenized
+    prep: PiecewiseCall | None = None  # the files being tokenized, in slices (`_prepare`)
     run: ResidentRun | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     finishing: bool = False  # the final eval and export under way (ResidentRun.finish)
@@ -160,9 +162,9 @@ class TrainingScheduler:
         self.kick = threading.Event()  # set when a job may be waiting (created, restart)
         self.kick.set()
         self._lock = threading.Lock()  # final transitions vs. a cancel from an API thread
-        # tokenizing and publishing: on any CPU, not the engine thread's pinned one (its thread
-        # is started from the engine thread, whose CPU it would inherit; kernels.bind_threads)
-        self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quiver-train-prep",
+        # publishing: on any CPU, not the engine thread's pinned one (its thread is started from
+        # the engine thread, whose CPU it would inherit; kernels.bind_threads)
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quiver-train-publish",
                                              initializer=unpinned)
         #: a job ended since the engine was last idle: its trainer, optimizer and autograd
         #: leftovers (~35k objects in reference cycles on the embedded model) wait for the cyclic
@@ -194,7 +196,7 @@ class TrainingScheduler:
             return True
         try:
             if a.run is None:
-                return self._start(a)
+                return self._prepare(a, busy)
             if not self.share.may_train(busy):
                 return False
             t0 = time.perf_counter()
@@ -222,25 +224,42 @@ class TrainingScheduler:
             self.state.update_job(a.job_id, ("Validating training file: " + job["training_file"], "info",
                                              "message", None), status="validating_files")
         self.count_jobs()
-        a.prep = self._prep_pool.submit(self._tokenize, cfg)
+        a.prep = PiecewiseCall()
         return True
 
-    def _tokenize(self, cfg: TrainConfig) -> tuple[list, list]:  # helper thread
-        with self.tok_lock:  # the Core's: the shared Rust tokenizer is not re-entrant
-            return read_examples(cfg, self.base)
-
-    def _start(self, a: Active) -> bool:
-        if not a.prep.done():
+    def _prepare(self, a: Active, busy: bool) -> bool:
+        """A slice of the job's tokenizing (the `validating_files` phase), on the engine thread
+        under the time share as a training slice is: a row at a time, the shared tokenizer's
+        lock held for one row. (On a helper thread it held that lock for the whole file, 40-60 ms
+        on the facts data, and contended for the GIL with every step: the decode steps beside
+        it took 3-5x their time.)
+        Once done, the job's run is made; its setup is its next slices (`_slice`)."""
+        if not self.share.may_train(busy):
             return False
+        t0 = time.perf_counter()
         try:
-            examples = a.prep.result()
+            done, examples = a.prep.run(functools.partial(self._tokenize, a.cfg, a.prep), self.share.budget(busy))
         except ValueError as e:  # trainer.data.DataError: names the file's line
             self._fail(a, "invalid_training_file", _file_message(str(e), a.cfg))
             return True
-        checkpoint = latest_checkpoint(a.cfg.output)
-        cfg = replace(a.cfg, resume=str(checkpoint)) if checkpoint else a.cfg
-        a.run = ResidentRun(cfg, self.base, examples)  # set up in its first slices (`_slice`)
+        finally:
+            self.share.trained(busy, time.perf_counter() - t0)
+        if done:
+            a.prep.close()
+            a.prep = None
+            checkpoint = latest_checkpoint(a.cfg.output)
+            cfg = replace(a.cfg, resume=str(checkpoint)) if checkpoint else a.cfg
+            a.run = ResidentRun(cfg, self.base, examples)
         return True
+
+    def _tokenize(self, cfg: TrainConfig, call: PiecewiseCall) -> tuple[list, list]:  # in pieces
+        @contextlib.contextmanager
+        def each_row():
+            call.pause_point("a row")  # never with the lock held: serving takes it between pieces
+            with self.tok_lock:  # the Core's: the shared Rust tokenizer is not re-entrant
+                yield
+
+        return read_examples(cfg, self.base, each_row)
 
     def _started(self, a: Active) -> None:
         run = a.run
@@ -303,7 +322,7 @@ class TrainingScheduler:
             if final.exists():  # a restart redid the last steps: same adapter, written again
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            a.publishing = self._prep_pool.submit(self._publish, a, final)  # cancel() waits for it now
+            a.publishing = self._publisher.submit(self._publish, a, final)  # cancel() waits for it now
 
     def _publish(self, a: Active, final: Path) -> None:  # helper thread
         try:
@@ -364,7 +383,8 @@ class TrainingScheduler:
             a.run.close()
             a.run = None
         if a.prep is not None:
-            a.prep.cancel()
+            a.prep.close()  # abandoned mid-file: unwound
+            a.prep = None
         self.active = None
         self._collect = True
         self.kick.set()  # the next job, if any
@@ -379,7 +399,7 @@ class TrainingScheduler:
         return self.publish.root  # the Publisher's (service.py)
 
     def shutdown(self) -> None:
-        self._prep_pool.shutdown(wait=False, cancel_futures=True)
+        self._publisher.shutdown(wait=False, cancel_futures=True)
 
 
 def _file_message(message: str, cfg: TrainConfig) -> str:
