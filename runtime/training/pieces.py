@@ -186,8 +186,13 @@ class PiecewiseCall:
         """In the call: back to `run`'s caller until the next `run` (or `abandon`) resumes it."""
         grad = torch.is_grad_enabled()
         torch.set_grad_enabled(self._home_grad)
-        self._home.switch(_PAUSED)
-        torch.set_grad_enabled(grad)
+        try:
+            self._home.switch(_PAUSED)
+        except greenlet.GreenletExit:  # dropped unfinished (collected): unwind, never hand back
+            self._abandon = True
+            raise
+        finally:
+            torch.set_grad_enabled(grad)
         if self._abandon:
             raise Abandoned()
 
@@ -195,10 +200,12 @@ class PiecewiseCall:
         torch.set_grad_enabled(True)
         try:
             return True, fn()
-        except Abandoned:
+        except (Abandoned, greenlet.GreenletExit):
             return None
         except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
             return False, e
+        finally:
+            torch.set_grad_enabled(self._home_grad)  # whoever resumes the thread now
 
     def _wait_outside(self) -> None:
         if self._outside is not None:

@@ -325,3 +325,25 @@ def test_a_call_raises_in_its_caller_and_the_next_call_runs():
     assert not call.in_flight and steps == [0]
     assert issubclass(Abandoned, BaseException) and not issubclass(Abandoned, Exception)
     call.close()
+
+
+def test_a_call_ended_from_outside_unwinds_without_handing_back_and_gives_the_grad_mode_back():
+    """greenlet ends a suspended call by raising GreenletExit in it (its thread ending, say):
+    the call unwinds (its `finally` blocks run) and never hands back into whoever ended it."""
+    import greenlet
+
+    call = PiecewiseCall()
+    unwound = []
+
+    def fn():
+        try:
+            call.pause_point("first")
+            call.pause_point("second")
+        finally:
+            unwound.append(True)
+            call.pause_point("while unwinding")  # must not hand back
+
+    with torch.no_grad():
+        assert call.run(fn, 0.0) == (False, None) and call.in_flight
+        assert call._glet.throw(greenlet.GreenletExit) is None  # it ran to its end
+        assert unwound == [True] and not torch.is_grad_enabled()
