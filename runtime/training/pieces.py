@@ -26,9 +26,10 @@ Why a greenlet, not a thread: the call runs on the engine thread, so its torch o
 engine thread's own OpenMP team, the one the serving steps use. A piece thread needed a team of
 its own, and two teams oversubscribe the cores (libgomp then stops spinning in both: measured,
 2 cores, a job's rate 0.51x and the streams' TPOT 3.8x), so its pieces ran on one thread, twice
-as long per stretch, and the decode step after a piece often found its team's threads moved
-onto one core. Measured beside a base stream (bench.train_bench's setting, 2 cores): a busy
-slice's wall time, median / p99, 4.2 / 10.1 ms with the piece thread, 2.2 / 4.3 ms here.
+as long per stretch, and 1-3% of the decode steps right after a piece took 3-5x their time
+(the engine team's threads left on one core: kernels.bind_threads). Measured beside a base
+stream (bench.train_bench's setting, 2 cores): a busy slice's wall time, median / p99,
+4.2 / 10.1 ms with the piece thread, 2.2 / 4.3 ms here.
 
 The call is the very computation an uninterrupted one is: the same ops in the same order on
 the same thread and team, only stretched in time, so a sliced step is bit-identical to a whole
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import logging
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +61,8 @@ import torch
 from torch import nn
 
 from runtime.nn.kernels import unpinned
+
+log = logging.getLogger(__name__)
 
 
 class Abandoned(BaseException):
@@ -99,7 +103,8 @@ class PiecewiseCall:
     def run(self, fn: Callable[[], Any], budget_s: float) -> tuple[bool, Any]:
         """Start `fn` (or go on with the call in flight, whatever `fn` is) for about `budget_s`,
         on the calling thread; (True, its value) once it returned, else (False, None). What `fn`
-        raises is raised here. A call in an `outside` fn is waited for first."""
+        raises is raised here. A call in an `outside` fn is waited for first. Always from the
+        same thread (a greenlet runs only on the thread it was made on: the engine's)."""
         if self._glet is None:
             self._glet = greenlet.greenlet(functools.partial(self._body, fn))
             self._last = None
@@ -154,6 +159,8 @@ class PiecewiseCall:
         self._deadline = 0.0  # every pause point from here raises (the unwinding ends the call)
         try:
             self._enter()
+        except Exception as e:  # noqa: BLE001 - the outcome of an abandoned call is dropped
+            log.debug("an abandoned call failed while it unwound: %s", e)
         finally:
             self._abandon, self._outside = False, None
 
@@ -188,7 +195,7 @@ class PiecewiseCall:
         torch.set_grad_enabled(self._home_grad)
         try:
             self._home.switch(_PAUSED)
-        except greenlet.GreenletExit:  # dropped unfinished (collected): unwind, never hand back
+        except greenlet.GreenletExit:  # ended from outside (greenlet.throw): unwind, never hand back
             self._abandon = True
             raise
         finally:

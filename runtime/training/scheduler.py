@@ -6,9 +6,9 @@
 
 A call does at most one of: pick up the next queued job, run one slice of it (of bounded time:
 slices.py, pieces.py), or end it. A job's slices are, in order, the pieces of its files'
-tokenizing (the `validating_files` phase, a row at a time: `_prepare`), of its setup (adapter + optimizer built, or restored from its last
-checkpoint), of each optimizer step, and of its finish (the final eval, the adapter exported
-into the store); then the helper thread registers the adapter and publishes it to the store
+tokenizing (the `validating_files` phase, a row at a time: `_prepare`), of its setup (adapter
++ optimizer built, or restored from its last checkpoint), of each optimizer step, and of its
+finish (the final eval, the adapter exported into the store); then the helper thread registers the adapter and publishes it to the store
 while the engine serves on, and the job is recorded and let go. No part of a job runs whole
 on the engine thread while requests are waiting (measured before, embedded model: the setup
 and the end were gaps of ~20 decode steps in every stream). Which job: the oldest pending one
@@ -238,7 +238,8 @@ class TrainingScheduler:
             return False
         t0 = time.perf_counter()
         try:
-            done, examples = a.prep.run(functools.partial(self._tokenize, a.cfg, a.prep), self.share.budget(busy))
+            done, examples = a.prep.run(functools.partial(self._tokenize, a.cfg, a.prep),
+                                        self.share.budget(busy))
         except ValueError as e:  # trainer.data.DataError: names the file's line
             self._fail(a, "invalid_training_file", _file_message(str(e), a.cfg))
             return True
