@@ -18,6 +18,7 @@ from runtime.adapters.peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 from runtime.adapters.registry import AdapterNotFound, AdapterRegistry
 from runtime.adapters.store import AdapterStore
 from runtime.config import ModelConfig
+from runtime.nn.kernels import helper_thread
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class AdapterLoader:
                  on_loaded=None, on_failed=None):
         self.registry, self.store, self.model = registry, store, model
         self.max_virtual_tokens = max_virtual_tokens
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quiver-load")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quiver-load",
+                                        initializer=helper_thread)  # (kernels.helper_thread: why)
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
         self.on_loaded = on_loaded  # callback(adapter_id, adapter, seconds)

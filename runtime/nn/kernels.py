@@ -141,6 +141,36 @@ def unpinned() -> None:
         os.sched_setaffinity(0, _AFFINITY)
 
 
+def helper_thread() -> None:
+    """For every thread of the server but the engine's (the adapter loader's, the gRPC and HTTP
+    workers', a job's publishing and file writes; their pools' initializer): its torch ops on one
+    thread, on any CPU (`unpinned`).
+
+    Why: libgomp counts the threads of every OpenMP team the process ever started, and once
+    that count exceeds the CPUs, every team's barriers stop spinning and sleep at once, for
+    good: the first parallel op on any other thread (a team of its own, kept with its thread)
+    slows every later decode step. Measured on 2 cores: a parallel region of the engine's team
+    14-28 us, 82-157 us once an idle pool thread had run one parallel op; `quiver serve`'s
+    base stream 6.7-7.1 ms per token, 15.4-17.1 ms for the rest of the process after a rank-64
+    LoRA's hot load (its B tensors above ATen's grain: a parallel copy on the loader thread).
+    OpenMP's team size is per thread (omp_set_num_threads), so the engine keeps its own;
+    torch.set_num_threads would also change the default of every thread started later."""
+    unpinned()
+    torch.get_num_threads()  # ATen's per-thread init first: it would set the team size back
+    set_team = _omp_set_num_threads()
+    if set_team is not None:
+        set_team(1)
+
+
+@functools.lru_cache(maxsize=1)
+def _omp_set_num_threads():
+    """libgomp's omp_set_num_threads as torch loaded it (None: another OpenMP runtime, or none)."""
+    try:
+        return ctypes.CDLL(None).omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
+
+
 def cpu_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
     """CPUs this process's cgroup may use per period (a container's `--cpus`, a Kubernetes CPU
     limit), rounded up; None where there is no limit or no cgroup to read.

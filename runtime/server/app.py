@@ -42,7 +42,7 @@ from runtime.config import ServerConfig
 from runtime.engine.engine import Engine, EngineConfig
 from runtime.engine.loop import EngineLoop
 from runtime.models.base import DTYPES, LoadedBase, load_base
-from runtime.nn.kernels import set_threads
+from runtime.nn.kernels import helper_thread, set_threads
 from runtime.server import auth, tls
 from runtime.server.core import Core
 from runtime.server.metrics import Metrics
@@ -184,7 +184,8 @@ class QuiverServer:
     def _make_grpc_server(self) -> grpc.Server:
         workers = self.cfg.grpc_workers
         server = grpc.server(
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quiver-grpc"),
+            # no OpenMP team of its own on a gRPC thread (kernels.helper_thread)
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quiver-grpc", initializer=helper_thread),
             interceptors=self.interceptors,
             # one thread per in-flight RPC; beyond that gRPC answers RESOURCE_EXHAUSTED itself
             maximum_concurrent_rpcs=workers,

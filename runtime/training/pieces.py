@@ -60,7 +60,7 @@ import greenlet
 import torch
 from torch import nn
 
-from runtime.nn.kernels import unpinned
+from runtime.nn.kernels import helper_thread
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class PiecewiseCall:
         self._deadline = 0.0
         self._abandon = False
         self._outside: Future | None = None  # an `outside` fn at work on the helper thread
-        # the helper thread for `outside`: on any CPU, not the engine thread's pinned one
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=unpinned)
+        # the helper thread for `outside` (kernels.helper_thread)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=helper_thread)
         # the call only: how long the stretch after each pause point took last time, and the
         # last point passed (its key, when); a point hands back early if its stretch would end
         # past the deadline (`pause_point`)

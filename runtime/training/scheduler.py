@@ -44,7 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from runtime.nn.kernels import unpinned
+from runtime.nn.kernels import helper_thread
 from runtime.training.pieces import PiecewiseCall
 from runtime.training.slices import ResidentRun, latest_checkpoint
 from runtime.training.state import FINAL, State
@@ -163,9 +163,9 @@ class TrainingScheduler:
         self.kick.set()
         self._lock = threading.Lock()  # final transitions vs. a cancel from an API thread
         # publishing: on any CPU, not the engine thread's pinned one (its thread is started from
-        # the engine thread, whose CPU it would inherit; kernels.bind_threads)
+        # the engine thread, whose CPU it would inherit), and no OpenMP team (kernels.helper_thread)
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quiver-train-publish",
-                                             initializer=unpinned)
+                                             initializer=helper_thread)
         #: a job ended since the engine was last idle: its trainer, optimizer and autograd
         #: leftovers (~35k objects in reference cycles on the embedded model) wait for the cyclic
         #: collector; a full collection over them holds the GIL for 25-50 ms, which, left to the

@@ -5,6 +5,8 @@ the choice rules and the standard path are tested everywhere.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -256,3 +258,57 @@ def test_merged_groups_pass_gradients_to_their_input():
     with torch.no_grad():  # serving: the one merged call
         outs = group(x, None)
     assert outs[0].grad_fn is None
+
+
+def test_a_helper_thread_computes_on_one_thread_and_no_other_thread_changes():
+    """kernels.helper_thread (the loader's, gRPC's and HTTP's pools): its own OpenMP team size
+    only; the caller's and a thread started afterwards keep torch's count."""
+    import threading
+
+    from runtime.nn.kernels import helper_thread
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread here: nothing to reduce")
+    before = torch.get_num_threads()
+    seen = {}
+
+    def helper():
+        helper_thread()
+        seen["helper"] = torch.get_num_threads()
+
+    def later():
+        seen["later"] = torch.get_num_threads()
+
+    for fn in (helper, later):
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+    assert seen["helper"] == 1 and seen["later"] == before == torch.get_num_threads()
+
+
+_TEAM_PROBE = """
+import os, sys, torch
+from concurrent.futures import ThreadPoolExecutor
+from runtime.nn.kernels import helper_thread
+torch.set_num_threads(2)
+torch.randn(4_000_000).sum()  # the main thread's own team: started before counting
+before = len(os.listdir("/proc/self/task"))
+pool = ThreadPoolExecutor(1, initializer=helper_thread if sys.argv[1] == "helper" else None)
+pool.submit(lambda: torch.randn(4_000_000).sum()).result()  # a parallel op on the pool's thread
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.parametrize("initializer, new_threads", [("helper", 1), ("none", 2)])
+def test_a_parallel_op_on_a_helper_thread_starts_no_openmp_team(initializer, new_threads):
+    """The pool's thread and nothing else: without helper_thread its op starts an OpenMP team
+    (a second OS thread), which throttles every team's barriers in the process for good."""
+    import subprocess
+    import sys
+
+    if not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs Linux's /proc and 2 CPUs")
+    out = subprocess.run([sys.executable, "-c", _TEAM_PROBE, initializer], capture_output=True, text=True,
+                         timeout=120, cwd=os.getcwd())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == new_threads

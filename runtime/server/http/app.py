@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import uvicorn
 from fastapi import FastAPI
 
+from runtime.nn.kernels import helper_thread
 from runtime.server.core import Core
 from runtime.server.http import errors, finetune
 from runtime.server.http.routes import HttpContext, build_router
@@ -40,7 +41,8 @@ def http_context(core: Core, base_id: str, draining) -> tuple[HttpContext, Threa
     """The routes' context over `core` and the pool their blocking work runs on (the caller
     shuts it down). The seam between the routes and a transport: HttpServer serves them on
     uvicorn; a Ray Serve replica (runtime/distributed/replica.py) calls the same app in-process."""
-    pool = ThreadPoolExecutor(max_workers=2 * core.cfg.grpc_workers, thread_name_prefix="quiver-http")
+    pool = ThreadPoolExecutor(max_workers=2 * core.cfg.grpc_workers, thread_name_prefix="quiver-http",
+                              initializer=helper_thread)  # no OpenMP team of its own (kernels.py)
     return HttpContext(core, base_id, pool, core.cfg.max_message_bytes, draining, int(time.time())), pool
 
 
