@@ -89,11 +89,13 @@ class QuiverReplica:
                  check_s: float = 30.0):
         from ray import serve
 
+        from runtime.nn.kernels import on_passing_thread
         from runtime.server.app import build_server
         from runtime.server.http.app import http_context, make_app
 
         self.cfg = cfg = replica_config(cfg)
-        self.server = build_server(cfg).start(engine_thread=True)
+        # built on a passing thread: no OpenMP team outlives it beside the engine's (kernels.py)
+        self.server = on_passing_thread(build_server, cfg).start(engine_thread=True)
         core = self.server.core
         self.base = self.server.base_model_id
         self.ctx, self._pool = http_context(core, self.base, lambda: not core.loop.accepting)

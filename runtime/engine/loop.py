@@ -4,10 +4,12 @@
     step thread:  while running: engine.step()  ->  req.on_output(out)  ->  stream buffer
 
 `quiver serve` steps the engine on the process's main thread (`run`), and the gRPC / HTTP
-threads only convert messages: measured on the embedded model (2 cores, batch 1), the same
-steps run ~100 tokens/s from the main thread but ~55 from a second thread (the OpenMP thread
-team of a non-initial thread pays far more per parallel region). `start` steps on a thread of
-its own, for tests and embedding.
+threads only convert messages. `start` steps on a thread of its own (tests, embedding, a Ray
+replica). Then the thread that loaded the model must not keep an OpenMP team beside the
+engine's: with two teams libgomp throttles both (runtime/nn/kernels.py). Measured (embedded
+model, 2 cores, batch 1): a step on the engine's own thread 14.7-15.0 ms with the model loaded
+on the caller's thread, 4.2-5.5 ms with it loaded on a passing one (`kernels.on_passing_thread`,
+as a Ray replica does).
 
 Background work (`background`, optional): a callback(busy, step_s) -> bool run on the step
 thread after every step (busy=True, step_s = that step's wall time) and whenever the engine is

@@ -312,3 +312,34 @@ def test_a_parallel_op_on_a_helper_thread_starts_no_openmp_team(initializer, new
                          timeout=120, cwd=os.getcwd())
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) == new_threads
+
+
+def test_on_passing_thread_gives_the_value_or_raises_on_the_callers_thread():
+    from runtime.nn.kernels import on_passing_thread
+
+    assert on_passing_thread(lambda a, b=0: a + b, 2, b=3) == 5
+    with pytest.raises(ValueError, match="bad"):
+        on_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))
+
+
+_PASSING_PROBE = """
+import os, torch
+from runtime.nn.kernels import on_passing_thread
+torch.set_num_threads(2)
+before = len(os.listdir("/proc/self/task"))
+on_passing_thread(lambda: torch.randn(4_000_000).sum())  # a parallel op: a team on that thread
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+def test_a_passing_threads_openmp_team_ends_with_it():
+    """What a Ray replica's model load relies on: no thread (and no team) is left behind."""
+    import subprocess
+    import sys
+
+    if not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs Linux's /proc and 2 CPUs")
+    out = subprocess.run([sys.executable, "-c", _PASSING_PROBE], capture_output=True, text=True, timeout=120,
+                         cwd=os.getcwd())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == 0
