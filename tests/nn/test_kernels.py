@@ -323,11 +323,14 @@ def test_on_passing_thread_gives_the_value_or_raises_on_the_callers_thread():
 
 
 _PASSING_PROBE = """
-import os, torch
+import os, time, torch
 from runtime.nn.kernels import on_passing_thread
 torch.set_num_threads(2)
 before = len(os.listdir("/proc/self/task"))
 on_passing_thread(lambda: torch.randn(4_000_000).sum())  # a parallel op: a team on that thread
+deadline = time.monotonic() + 10  # the OS thread (and its team's worker) exit just after join()
+while len(os.listdir("/proc/self/task")) > before and time.monotonic() < deadline:
+    time.sleep(0.01)
 print(len(os.listdir("/proc/self/task")) - before)
 """
 
