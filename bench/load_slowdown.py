@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -39,15 +38,8 @@ def measure(rank: int, stream_tokens: int, streams: int, port: int) -> tuple[flo
         cfg = ModelConfig.from_hf_dict(json.loads((embedded_model_dir() / "config.json").read_text()))
         adapter = Path(root) / "load-probe"
         write_lora(cfg, adapter, seed=0, rank=rank)
-        extra = ["--allow-adapter-root", root, "--max-lora-rank", str(max(rank, 16))]
-        popen = subprocess.Popen
-        # ServeProcess builds its own command line (bench/train_bench.py); the load needs two flags more
-        subprocess.Popen = lambda args, *a, **k: popen(list(args) + extra, *a, **k)
-        try:
-            data = Path(root) / "data"
-            srv = train_bench.ServeProcess(str(data), None, 0.3, port)
-        finally:
-            subprocess.Popen = popen
+        srv = train_bench.ServeProcess(str(Path(root) / "data"), None, 0.3, port,
+                                       extra_args=("--allow-adapter-root", root, "--max-lora-rank", str(max(rank, 16))))
         try:
             srv.stream(8)  # warm
             before = [train_bench.stream_figures(srv.stream(stream_tokens))[0] for _ in range(streams)]

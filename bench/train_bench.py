@@ -233,7 +233,8 @@ ADMIN = "bench-admin-token"
 class ServeProcess:
     """`quiver serve` on the embedded model as a subprocess (free ports, a fresh data dir)."""
 
-    def __init__(self, data_dir: str, threads: int | None, share: float, port: int = 0):
+    def __init__(self, data_dir: str, threads: int | None, share: float, port: int = 0,
+                 extra_args: tuple[str, ...] = ()):
         import subprocess
         import sys
         import threading
@@ -241,7 +242,7 @@ class ServeProcess:
         http = port + 1 if port else 0
         args = [sys.executable, "-m", "runtime.cli", "serve", "--port", str(port), "--http-port", str(http),
                 "--metrics-port", "-1", "--data-dir", data_dir, "--admin-token", ADMIN,
-                "--train-share", str(share), *(["--threads", str(threads)] if threads else [])]
+                "--train-share", str(share), *(["--threads", str(threads)] if threads else []), *extra_args]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         ready = threading.Event()

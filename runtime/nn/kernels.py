@@ -123,7 +123,7 @@ def bind_threads() -> list[int] | None:
     measured on 2 cores, 1-3% of the decode steps after such a piece took 3-5x their time
     (15-40 ms for a 5 ms step), none pinned.
     Threads the caller starts later inherit its CPU; `unpinned` gives a thread the whole mask
-    back (helpers that run beside the steps: a job's file writes, tokenizing, publishing).
+    back (every pool of the server does: `helper_thread`).
     A job's pieces run on the engine thread itself, with this team (runtime/training/pieces.py)."""
     from runtime.nn.native import bind_threads_kernel
 

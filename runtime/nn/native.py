@@ -81,15 +81,16 @@ def extension():
         _ninja_on_path()
         out = build_directory()
         out.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
         with _build_lock(out):
-            t0 = time.monotonic()
             # fresh lists: the loader appends torch's own flags to the ones it is given, and a
             # second load in a process (tests) with other flags than the first is a rebuild as
             # `quiver_native_v1`, then another in the next process that loads the first name
             ext = load("quiver_native", [str(s) for s in SOURCES], extra_cflags=list(CFLAGS),
                        extra_ldflags=list(LDFLAGS), build_directory=str(out), verbose=False)
-        if time.monotonic() - t0 > BUILD_NOTICE_S:
-            log.info("native decode path built in %.0f s (missing or stale in %s)", time.monotonic() - t0, out)
+        took = time.monotonic() - t0
+        if took > BUILD_NOTICE_S:
+            log.info("native decode path built in %.0f s (missing or stale in %s)", took, out)
         return ext
     except Exception as e:  # no compiler, no ninja, headers missing: the Python path serves
         log.warning("native decode path unavailable (%s: %s); decode steps run the Python modules",

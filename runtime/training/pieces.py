@@ -48,12 +48,11 @@ thread: the call hands back at once, and goes on once `fn` is done and it is res
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import logging
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Hashable
 
 import greenlet
@@ -216,7 +215,7 @@ class PiecewiseCall:
 
     def _wait_outside(self) -> None:
         if self._outside is not None:
-            concurrent.futures.wait([self._outside])
+            wait([self._outside])
 
 
 #: what a call hands back when it pauses (a value its own function never returns)

@@ -96,8 +96,6 @@ class ResidentRun:
         here, on the calling (engine) thread with its threads; a step in flight goes on in a
         piece. The same ops in the same order either way. A step waiting on its checkpoint's
         files (`PiecewiseCall.outside`) is not waited for while serving: None at once."""
-        if not whole and self._call.outside_busy:
-            return None
         if not self._call.in_flight:
             summary = self.trainer.summary
             self._tokens_before, self._seconds_before, self._step_s = summary.tokens, summary.seconds, 0.0

@@ -299,19 +299,25 @@ print(len(os.listdir("/proc/self/task")) - before)
 """
 
 
-@pytest.mark.parametrize("initializer, new_threads", [("helper", 1), ("none", 2)])
-def test_a_parallel_op_on_a_helper_thread_starts_no_openmp_team(initializer, new_threads):
-    """The pool's thread and nothing else: without helper_thread its op starts an OpenMP team
-    (a second OS thread), which throttles every team's barriers in the process for good."""
+def _threads_started(probe: str, *args: str) -> int:
+    """The OS threads a probe script reports it left behind (run in a fresh process, so no
+    other test's threads are counted)."""
     import subprocess
     import sys
 
     if not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2:
         pytest.skip("needs Linux's /proc and 2 CPUs")
-    out = subprocess.run([sys.executable, "-c", _TEAM_PROBE, initializer], capture_output=True, text=True,
-                         timeout=120, cwd=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120,
+                         cwd=os.getcwd())
     assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.split()[-1]) == new_threads
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("initializer, new_threads", [("helper", 1), ("none", 2)])
+def test_a_parallel_op_on_a_helper_thread_starts_no_openmp_team(initializer, new_threads):
+    """The pool's thread and nothing else: without helper_thread its op starts an OpenMP team
+    (a second OS thread), which throttles every team's barriers in the process for good."""
+    assert _threads_started(_TEAM_PROBE, initializer) == new_threads
 
 
 def test_on_passing_thread_gives_the_value_or_raises_on_the_callers_thread():
@@ -337,12 +343,4 @@ print(len(os.listdir("/proc/self/task")) - before)
 
 def test_a_passing_threads_openmp_team_ends_with_it():
     """What a Ray replica's model load relies on: no thread (and no team) is left behind."""
-    import subprocess
-    import sys
-
-    if not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2:
-        pytest.skip("needs Linux's /proc and 2 CPUs")
-    out = subprocess.run([sys.executable, "-c", _PASSING_PROBE], capture_output=True, text=True, timeout=120,
-                         cwd=os.getcwd())
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.split()[-1]) == 0
+    assert _threads_started(_PASSING_PROBE) == 0
