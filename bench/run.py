@@ -508,8 +508,9 @@ def sec_memory(rep: Report, lab: Lab) -> None:
     params = sum(l.base.in_features * l.base.out_features for l in model.adapted_linears().values())
     per_param = nbytes["projections"] / params
     rows = [["decoder projections (NF4 codes + stats, fused layout's bf16 absmax)", nbytes["projections"], per_param],
-            ["embeddings, norms (tied lm_head)", nbytes["other"], ""],
-            ["lm_head kernel copies (int8 + bf16)", nbytes["lm_head_copies"], ""]]
+            ["embeddings, norms (tied lm_head)", nbytes["other"], ""]]
+    if nbytes["lm_head_copies"]:  # the approximate head's copies, where it runs (lm_head.py)
+        rows.append(["lm_head kernel copies (int8 + bf16)", nbytes["lm_head_copies"], ""])
     labels = {"lora": "r=16", "dora": "r=16", "adalora": "8 of 12 ranks", "prompt": "16 virtual tokens",
               "ptuning": "16 virtual tokens", "prefix": "16 virtual tokens"}
     for kind in TYPES:

@@ -135,7 +135,9 @@ def test_vllm_series_follow_a_known_load_and_metrics_stay_fast(busy_server):
                            capture_output=True, text=True, timeout=60)
     p50, p95, worst = map(float, probe.stdout.split())
     print(f"/metrics under load: p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {worst:.1f} ms")
-    assert p50 < 10.0, probe.stdout
+    # half the picker's 50 ms scrape interval (README): measured p50 2.3 ms on an AVX512-BF16
+    # machine, 8-10 ms on an AVX2 one, where the engine's Python modules hold the GIL far more
+    assert p50 < 25.0, probe.stdout
     running.close()  # the client goes away: its request is cancelled, the queue moves up
     for t in queued:
         t.join(60)

@@ -56,10 +56,26 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) { return simd::from_bf16_16(p); }
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const at::BFloat16* p, __mmask16 m) { return simd::from_bf16_16(p, m); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define QUIVER_LORA_AVX2 1
+#include <immintrin.h>
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {  // widen: a 16-bit shift, exact
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float reduce8(__m256 v) {  // lanes summed in a fixed order
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
 #endif
 
 // a . b over n elements (a: slot weights, b: fp32 activations). Four accumulators: one chain
 // of fused multiply-adds is latency-bound (4 cycles each) below what a core streams from memory.
+// Every path sums in an order that depends on n alone, never on W, so bf16 slots give the fp32
+// slots' bits (the plain loop is not vectorized for that reason: `omp simd` reassociated the
+// fp32 sum and not the bf16 one).
 constexpr int64_t kPrefetchBytes = 4096;
 template <typename W>
 inline float dot(const W* a, const float* b, int64_t n) {
@@ -80,10 +96,22 @@ inline float dot(const W* a, const float* b, int64_t n) {
     s1 = _mm512_fmadd_ps(load16(a + i, m), _mm512_maskz_loadu_ps(m, b + i), s1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#elif defined(QUIVER_LORA_AVX2)
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(load8(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s2 = _mm256_fmadd_ps(load8(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+    s3 = _mm256_fmadd_ps(load8(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(b + i), s0);
+  float s = reduce8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  for (; i < n; ++i) s = std::fma(widen(a[i]), b[i], s);
+  return s;
 #else
   float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += widen(a[i]) * b[i];
+  for (int64_t i = 0; i < n; ++i) s = std::fma(widen(a[i]), b[i], s);
   return s;
 #endif
 }
