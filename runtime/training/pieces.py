@@ -94,6 +94,10 @@ class PiecewiseCall:
         """The call is running an `outside` fn (a `run` now would wait for it to end)."""
         return self._outside is not None and not self._outside.done()
 
+    def wait_outside(self, timeout_s: float) -> None:
+        """Wait for the `outside` fn at work, if any, for at most `timeout_s`."""
+        self._wait_outside(timeout_s)
+
     @property
     def frame(self):
         """The innermost frame of the call while it is paused (None when none is in flight)."""
@@ -213,9 +217,9 @@ class PiecewiseCall:
         finally:
             torch.set_grad_enabled(self._home_grad)  # whoever resumes the thread now
 
-    def _wait_outside(self) -> None:
+    def _wait_outside(self, timeout_s: float | None = None) -> None:
         if self._outside is not None:
-            wait([self._outside])
+            wait([self._outside], timeout_s)
 
 
 #: what a call hands back when it pauses (a value its own function never returns)

@@ -25,10 +25,15 @@ is the unluckiest of those; measured (bench.train_bench --in-server, embedded mo
 cores, two A/B runs): the largest gap 7.5 and 5.0 decode steps with one-step slices, 3.3 and 3.6
 with half-step ones, the same share of the engine's time.
 
-With no traffic whole optimizer steps run back to back on the engine thread and its threads (a
-step in flight when traffic stopped finishes in IDLE_SLICE_S pieces first; the credit is
-reset), and a request that arrives waits for at most the one step in flight (~0.2 s on the
-embedded model).
+With no traffic training takes all of the engine's time, in pieces that grow with the quiet:
+each idle piece may last as long as the engine has been idle so far (at least a busy slice, at
+most IDLE_SLICE_S), so a request that comes while training runs waits at most about as long as
+the quiet before it. Back-to-back requests (a client's next stream a few ms after its last, a
+chat's next turn) therefore wait a step or so, not a whole optimizer step (~0.2-0.5 s on the
+embedded model, ~20-100 decode steps). Once the engine has been idle WHOLE_AFTER_S, optimizer
+steps run whole, back to back, on the engine thread and its threads (a step in flight then
+finishes in pieces first; the credit is reset): then a request waits for at most the one step
+in flight.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import contextlib
 import functools
 import gc
 import logging
+import math
 import os
 import shutil
 import threading
@@ -57,9 +63,14 @@ log = logging.getLogger(__name__)
 PUBLISH_TIMEOUT_S = 60.0
 
 
-#: an idle engine's slice: long enough that a slice's fixed cost (attach, hooks, the hand-off;
-#: ~1 ms) is ~1% of it, short enough that a request arriving meanwhile hardly waits
+#: an idle engine's longest slice: long enough that a slice's fixed cost (attach, hooks, the
+#: hand-off; ~1 ms) is ~1% of it, short enough that a request arriving meanwhile hardly waits
 IDLE_SLICE_S = 0.1
+#: idle this long, the engine runs whole optimizer steps (no piece hand-offs at all)
+WHOLE_AFTER_S = 1.0
+#: an idle engine waits for a checkpoint's file writes this long at a time (a request that
+#: comes meanwhile waits at most that)
+OUTSIDE_POLL_S = 0.005
 #: the shortest busy slice (a model whose serving steps take microseconds still trains)
 MIN_SLICE_S = 0.002
 #: a busy slice's budget, in recent serving steps (module docstring)
@@ -89,11 +100,13 @@ class TimeShare:
     """
 
     def __init__(self, share: float, idle_slice_s: float = IDLE_SLICE_S, min_slice_s: float = MIN_SLICE_S,
-                 slice_steps: float = SLICE_STEPS):
+                 slice_steps: float = SLICE_STEPS, whole_after_s: float = WHOLE_AFTER_S,
+                 clock=time.perf_counter):
         if not 0.0 < share <= 1.0:
             raise ValueError(f"--train-share must be in (0, 1], not {share}")
         self.share, self.idle_slice, self.min_slice = share, idle_slice_s, min_slice_s
-        self.slice_steps = slice_steps
+        self.slice_steps, self.whole_after, self.clock = slice_steps, whole_after_s, clock
+        self._served_at = -math.inf  # when the last serving step ended (never: idle for ever)
         self.credit = 0.0
         self.step_s = 0.0  # moving average of the serving steps' usual durations
         self.overrun_s = 0.0  # moving average of what busy slices took beyond their budget
@@ -101,6 +114,7 @@ class TimeShare:
         self._after_slice = False  # the last call was a busy slice
 
     def served(self, step_s: float) -> None:
+        self._served_at = self.clock()
         excess = max(0.0, step_s - self.step_s) if self._after_slice and self.step_s else 0.0
         self._after_slice = False
         usual = step_s - excess
@@ -119,10 +133,19 @@ class TimeShare:
     def may_train(self, busy: bool) -> bool:
         return not busy or self.credit >= self.slice_s
 
+    def idle_for(self) -> float:
+        """Seconds since the last serving step ended."""
+        return self.clock() - self._served_at
+
+    def whole(self, busy: bool) -> bool:
+        """Idle long enough for whole optimizer steps (module docstring)."""
+        return not busy and self.idle_for() >= self.whole_after
+
     def budget(self, busy: bool) -> float:
-        """The piece's time: a busy slice's wall time less its recent fixed cost; idle, IDLE_SLICE_S."""
+        """The piece's time: a busy slice's wall time less its recent fixed cost; idle, as long as
+        the engine has been idle (at least a busy slice, at most IDLE_SLICE_S)."""
         if not busy:
-            return self.idle_slice
+            return min(self.idle_slice, max(self.slice_s, self.idle_for()))
         self._given = max(MIN_PIECE_S, self.slice_s - self.overrun_s)
         return self._given
 
@@ -199,8 +222,11 @@ class TrainingScheduler:
                 return self._prepare(a, busy)
             if not self.share.may_train(busy):
                 return False
+            if not busy and a.run.outside_busy:  # its files being written: wait, a little at a time
+                a.run.wait_outside(OUTSIDE_POLL_S)
+                return True
             t0 = time.perf_counter()
-            self._slice(a, self.share.budget(busy), whole=not busy)
+            self._slice(a, self.share.budget(busy), whole=self.share.whole(busy))
             self.share.trained(busy, time.perf_counter() - t0)
             return True
         except Exception as e:  # noqa: BLE001 - a failed job fails alone; the server serves on

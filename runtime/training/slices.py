@@ -80,6 +80,14 @@ class ResidentRun:
     def mid_step(self) -> bool:
         return self._call.in_flight
 
+    @property
+    def outside_busy(self) -> bool:
+        """A piece is waiting on its files (a checkpoint's writes, `PiecewiseCall.outside`)."""
+        return self._call.outside_busy
+
+    def wait_outside(self, timeout_s: float) -> None:
+        self._call.wait_outside(timeout_s)
+
     def setup(self, budget_s: float = math.inf, whole: bool = True) -> bool:
         """Build the adapter and optimizer (and restore --resume's checkpoint), in pieces as a
         step is (`advance`: the method's projections are its pause points; measured on the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.training.scheduler import IDLE_SLICE_S, MIN_SLICE_S, TimeShare
+from runtime.training.scheduler import IDLE_SLICE_S, MIN_SLICE_S, WHOLE_AFTER_S, TimeShare
 
 
 def _busy_share(share: float, step_s: float, slice_s: float, rounds: int = 20_000) -> float:
@@ -83,6 +83,26 @@ def test_idle_slices_are_short_and_traffic_then_earns_a_half_step_slice_first():
         served += 0.01
     assert ts.budget(busy=True) == pytest.approx(0.005)  # the slice: half a serving step
     assert served == pytest.approx(0.005 * 0.7 / 0.3, abs=0.011)
+
+
+def test_idle_pieces_last_as_long_as_the_quiet_so_far_and_steps_run_whole_only_after_a_while():
+    """Right after traffic an idle piece is a busy slice (half a step), then as long as the
+    engine has been idle, up to IDLE_SLICE_S; whole steps once idle WHOLE_AFTER_S; traffic
+    starts it over. So a request that comes while training runs waits about its quiet at most."""
+    now = [100.0]
+    ts = TimeShare(0.3, clock=lambda: now[0])
+    for _ in range(10):
+        ts.served(0.005)
+    assert ts.budget(busy=False) == pytest.approx(0.0025) and not ts.whole(busy=False)
+    now[0] += 0.02
+    assert ts.budget(busy=False) == pytest.approx(0.02)
+    now[0] += 0.5
+    assert ts.budget(busy=False) == IDLE_SLICE_S and not ts.whole(busy=False)
+    now[0] += WHOLE_AFTER_S
+    assert ts.whole(busy=False) and not ts.whole(busy=True)
+    ts.served(0.005)
+    assert ts.budget(busy=False) == pytest.approx(0.0025) and not ts.whole(busy=False)
+    assert TimeShare(0.3).whole(busy=False)  # never served: idle for ever
 
 
 def test_a_burst_gets_half_step_slices_at_most_the_share_of_its_time():
