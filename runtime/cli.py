@@ -36,10 +36,11 @@ def add_model_options(p: argparse.ArgumentParser, serving: bool = True) -> None:
                         "is the exact fp32 mode (no bf16 anywhere)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     if serving:
-        p.add_argument("--nf4-kernel", choices=("auto", "cpu-fused", "standard"), default="auto",
+        p.add_argument("--nf4-kernel", choices=("auto", "cpu-fused", "cpu-gemv", "standard"), default="auto",
                        help="4-bit matmul kernel: cpu-fused (bitsandbytes' AVX512-BF16 kernel), "
+                            "cpu-gemv (Quiver's fp32 kernel for decode rows, other CPUs), "
                             "standard (bnb.matmul_4bit; CUDA kernels on GPU); default auto: fused "
-                            "on CPUs that have it unless --dtype float32")
+                            "on CPUs that have it, else cpu-gemv, unless --dtype float32")
     p.add_argument("--threads", type=int, default=None,
                    help="torch compute threads (default: the cores torch sees, capped by a "
                         "cgroup CPU limit such as a container's --cpus or a Kubernetes limit)")

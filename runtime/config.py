@@ -210,7 +210,7 @@ class ServerConfig:
     quantize: str = "nf4"  # nf4 | fp4 | none
     dtype: str | None = None  # None = auto: measured per part (runtime/models/base.py Precision)
     device: str = "auto"
-    nf4_kernel: str = "auto"  # auto | cpu-fused | standard (runtime/nn/kernels.py)
+    nf4_kernel: str = "auto"  # auto | cpu-fused | cpu-gemv | standard (runtime/nn/kernels.py)
     threads: int | None = None  # torch intra-op threads; None = the cores torch sees
     # ---- network
     host: str = "127.0.0.1"  # loopback unless told otherwise

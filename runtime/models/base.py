@@ -31,18 +31,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def native_bf16_cpu() -> bool:
-    """The CPU computes bf16 matmuls natively (oneDNN says so: AVX512-BF16 / AMX)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 @dataclass(frozen=True)
 class Precision:
     """Dtypes per part of the step, and the 4-bit kernel (runtime/nn/kernels.py)."""
 
     dtype: torch.dtype  # activations, norms, attention, LoRA slots, KV cache
     approximate_head: bool  # lm_head in bf16 / int8 with the top candidates exact (lm_head.py)
-    nf4_kernel: str  # "cpu-fused" or "standard"
+    nf4_kernel: str  # "cpu-fused", "cpu-gemv" or "standard"
 
 
 def resolve_precision(dtype: str | None, device: torch.device, nf4_kernel: str = "auto",
@@ -51,14 +46,15 @@ def resolve_precision(dtype: str | None, device: torch.device, nf4_kernel: str =
 
     Serving on CPU, `dtype` None (auto): activations and elementwise work in float32 (a bf16
     step measured slower on CPU: every norm, rotary and softmax upcasts), the 4-bit projections
-    on the fused bf16 kernel where the CPU has it, and the lm_head matmul in int8 / bf16 where the
-    CPU computes bf16 natively (3-10x faster than fp32 there; each row's top candidates are then
-    recomputed exactly, runtime/nn/lm_head.py). `--dtype float32` is the exact fp32 mode:
+    on the fused bf16 kernel where the CPU has it (else the gemv at decode rows), and the lm_head
+    approximate (int8 / bf16 where the CPU computes bf16 natively, 3-10x faster than fp32 there;
+    int8 at decode rows elsewhere; each row's top candidates are then recomputed exactly,
+    runtime/nn/lm_head.py). `--dtype float32` is the exact fp32 mode:
     no bf16 anywhere (the standard 4-bit path dequantizes to fp32). `--dtype bfloat16|float16`
     runs everything in that dtype. On CUDA, auto is bfloat16 (float16 without bf16 support).
     Training keeps the standard kernel (it has a backward) and one dtype for every part.
     """
-    from runtime.nn.kernels import resolve_kernel
+    from runtime.nn.kernels import native_bf16_cpu, resolve_kernel
 
     if dtype and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -70,7 +66,7 @@ def resolve_precision(dtype: str | None, device: torch.device, nf4_kernel: str =
         dt = torch.bfloat16 if native_bf16_cpu() else torch.float32
     else:
         dt = torch.float32
-    approximate = device.type == "cpu" and not dtype and not training and native_bf16_cpu()
+    approximate = device.type == "cpu" and not dtype and not training
     if training and nf4_kernel == "auto":
         nf4_kernel = "standard"
     return Precision(dt, approximate, resolve_kernel(nf4_kernel, device, exact_fp32=dtype == "float32"))

@@ -4,6 +4,13 @@
                         layout (`_convert_weight_packed_for_cpu`, once at load). bf16 inside,
                         no dense weight ever materialised; what transformers' `Linear4bit` runs
                         on such CPUs in eval mode, so Quiver computes what transformers computes.
+    kernel "cpu-gemv"   other CPUs (AVX2): Quiver's own fp32 4-bit matmul over the standard
+                        layout (csrc/nf4_gemv.cpp) for decode-sized inputs (<= 8 rows, no
+                        gradient), each code turned into its value in registers; larger inputs
+                        and training take "standard". Measured (bench.kernel_bench --gemv,
+                        SmolLM2-135M shapes, 2 AVX2 threads): 2.5-4.3x faster than
+                        bitsandbytes' dequantize + matmul at 1-8 rows; the same values up to
+                        fp32 summation order (relative error ~3e-7).
     kernel "standard"   `bnb.matmul_4bit` on the standard layout: on CUDA bitsandbytes' own
                         kernels (its fused gemv for one row, dequantize + cuBLAS otherwise); on
                         other CPUs dequantize the whole weight, then a dense matmul. It carries
@@ -33,7 +40,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "cpu-fused", "standard")
+KERNELS = ("auto", "cpu-fused", "cpu-gemv", "standard")
 
 #: the fused CPU kernel's packing tiles out_features by this many rows
 FUSED_BLOCK_N = 32
@@ -48,22 +55,45 @@ def cpu_has_fused_nf4() -> bool:
     return bool(bnbf.has_avx512bf16())
 
 
+def native_bf16_cpu() -> bool:
+    """The CPU computes bf16 matmuls natively (oneDNN says so: AVX512-BF16 / AMX)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_kernel(requested: str, device: torch.device, exact_fp32: bool) -> str:
     """The kernel name for the whole model: `requested` unless it is "auto".
 
-    auto: the fused kernel on CPUs that have it, unless the exact fp32 mode was asked for
-    (`--dtype float32`: the fused kernel computes in bf16); "standard" everywhere else (CUDA
+    auto on CPU, unless the exact fp32 mode was asked for (`--dtype float32`: bitsandbytes'
+    own dequantize + matmul, bit for bit): the fused kernel on CPUs that have it (it computes in
+    bf16), else the gemv where the native extension is built; "standard" everywhere else (CUDA
     included: bitsandbytes picks its own fused gemv there per call).
     """
     if requested not in KERNELS:
         raise ValueError(f"--nf4-kernel must be one of {', '.join(KERNELS)}, not {requested!r}")
+    cpu = device.type == "cpu"
     if requested == "auto":
-        fused = device.type == "cpu" and not exact_fp32 and cpu_has_fused_nf4()
-        return "cpu-fused" if fused else "standard"
-    if requested == "cpu-fused" and (device.type != "cpu" or not cpu_has_fused_nf4()):
+        if cpu and not exact_fp32 and cpu_has_fused_nf4():
+            return "cpu-fused"
+        return "cpu-gemv" if cpu and not exact_fp32 and gemv_available() else "standard"
+    if requested == "cpu-fused" and (not cpu or not cpu_has_fused_nf4()):
         raise ValueError("--nf4-kernel cpu-fused needs a CPU with AVX512-BF16 (bitsandbytes' "
-                         "fused kernel); this machine has none: use auto or standard")
+                         "fused kernel); this machine has none: use auto, cpu-gemv or standard")
+    if requested == "cpu-gemv" and (not cpu or not gemv_available()):
+        raise ValueError("--nf4-kernel cpu-gemv needs the CPU and Quiver's native extension "
+                         "(built by `make setup`; a C++ compiler): use auto or standard")
     return requested
+
+
+def gemv_available() -> bool:
+    """Quiver's own 4-bit gemv (csrc/nf4_gemv.cpp) is built here."""
+    from runtime.nn.native import nf4_gemv_kernel
+
+    return nf4_gemv_kernel() is not None
+
+
+def gemv_shape_ok(in_features: int, blocksize: int) -> bool:
+    """Whether the gemv can take a weight (its blocks within rows, 16 codes a step)."""
+    return blocksize % 16 == 0 and in_features % blocksize == 0
 
 
 def fused_shape_ok(out_features: int, in_features: int, blocksize: int) -> bool:

@@ -8,6 +8,11 @@
     more rows               bf16 (oneDNN), faster than int8 from ~16 rows (3.4 vs 6.2 ms at 32)
     exact mode              the model dtype (`--dtype float32`), nothing approximated
 
+That is on CPUs that compute bf16 natively (AVX512-BF16, AMX). Elsewhere (AVX2) torch's int8
+and bf16 matmuls are slower than fp32 (23 and 39 ms vs 15 ms at one row, 2 AMD Zen 3 cores), so
+rows <= INT8_MAX_ROWS take Quiver's own int8 kernel (csrc/lm_head.cpp `lm_head_int8`, fp32
+sums, bf16 out as torch's) and more rows the exact fp32 matmul.
+
 After an approximate matmul the EXACT_TOP best candidates of each row are recomputed in the
 model dtype: int8 / bf16 move a logit by ~0.1-0.4%, enough to swap two near-tied tokens, so
 without this the greedy choice and the top logprobs could differ from transformers' fp32 head.
@@ -39,36 +44,58 @@ class LmHead(nn.Module):
         self.register_buffer("int8", None, persistent=False)  # [vocab, hidden]
         self.register_buffer("int8_scale", None, persistent=False)  # [vocab] bf16
         self._fused_refine = None  # csrc/lm_head.cpp's kernel, where `use` found it applies
+        self._int8_kernel = None  # csrc/lm_head.cpp's int8 matmul, on CPUs without native bf16
 
-    def use(self, approximate: bool) -> str:
+    def use(self, approximate: bool, native_bf16: bool | None = None) -> str:
         """approximate=False: exact (the model dtype). True: bf16, and int8 for small batches
-        where this torch has the kernel. Returns what it runs."""
-        self.bf16 = self.int8 = self.int8_scale = self._fused_refine = None
+        where this torch has the kernel; on a CPU without native bf16 (native_bf16 None: ask
+        the CPU), int8 for small batches on Quiver's kernel and exact above. Returns what it runs."""
+        from runtime.nn.kernels import native_bf16_cpu
+        from runtime.nn.native import lm_head_int8_kernel
+
+        self.bf16 = self.int8 = self.int8_scale = self._fused_refine = self._int8_kernel = None
+        exact = str(self.weight.dtype).removeprefix("torch.")
         if not approximate or self.weight.dtype == torch.bfloat16:
-            return str(self.weight.dtype).removeprefix("torch.")
+            return exact
         w = self.weight.detach()
-        self.bf16 = w.to(torch.bfloat16)
+        cpu = w.device.type == "cpu"
+        if native_bf16 is None:
+            native_bf16 = not cpu or native_bf16_cpu()
+        if not native_bf16:
+            self._int8_kernel = lm_head_int8_kernel() if cpu and w.dtype == torch.float32 else None
+            if self._int8_kernel is None:
+                return exact  # nothing here beats the exact matmul
+        else:
+            self.bf16 = w.to(torch.bfloat16)
         self._fused_refine = _refine_kernel(w)
-        if w.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
+        if cpu and (self._int8_kernel is not None or hasattr(torch, "_weight_int8pack_mm")):
             scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)  # [vocab]
             self.int8 = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
             self.int8_scale = scale.to(torch.bfloat16)
-            return f"int8 up to {INT8_MAX_ROWS} rows, else bfloat16; top {EXACT_TOP} exact"
+            above = "bfloat16" if self.bf16 is not None else exact
+            return f"int8 up to {INT8_MAX_ROWS} rows, else {above}; top {EXACT_TOP} exact"
         return f"bfloat16; top {EXACT_TOP} exact"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [n, hidden] -> [n, vocab] in x's dtype
-        if self.bf16 is None:
+        logits = self._approximate(x)  # [n, vocab] bf16, or None: exact
+        if logits is None:
             return F.linear(x, self.weight)
-        xb = x.to(torch.bfloat16)
-        if self.int8 is not None and x.shape[0] <= INT8_MAX_ROWS:
-            logits = torch._weight_int8pack_mm(xb, self.int8, self.int8_scale)
-        else:
-            logits = F.linear(xb, self.bf16)
         if self._fused_refine is not None and x.dtype == torch.float32 and not (
                 x.requires_grad and torch.is_grad_enabled()):
             return self._fused_refine(logits, x, self.weight.detach(), EXACT_TOP)
         return self.refine(x, logits.to(x.dtype))
+
+    def _approximate(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The approximate logits `use` chose for x's row count, or None where it is exact."""
+        if self.int8 is not None and x.shape[0] <= INT8_MAX_ROWS:
+            if self._int8_kernel is not None and x.dtype == torch.float32:
+                return self._int8_kernel(x, self.int8, self.int8_scale)
+            if self.bf16 is not None:
+                return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.int8, self.int8_scale)
+        if self.bf16 is None:
+            return None
+        return F.linear(x.to(torch.bfloat16), self.bf16)
 
     def refine(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Recompute each row's EXACT_TOP best logits from the exact weight, in place."""

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / f for f in ("decode_stack.cpp", "paged_attention.cpp",
                                                               "elementwise.cpp", "lora_rows.cpp",
-                                                              "lm_head.cpp", "threads.cpp")]
+                                                              "lm_head.cpp", "threads.cpp", "nf4_gemv.cpp")]
 #: built where it runs, so for this CPU. -fopenmp: ATen's `at::parallel_for` is a header template
 #: whose OpenMP region is compiled into the caller, so without it every loop here ran on one
 #: thread; the library it links is torch's own (libgomp.so.1, already loaded by torch).
@@ -296,6 +296,16 @@ def lora_runs_kernel():
 def lm_head_refine_kernel():
     """csrc/lm_head.cpp's one-pass exact top-k over bf16 logits (CPU), or None."""
     return op("lm_head_refine")
+
+
+def lm_head_int8_kernel():
+    """csrc/lm_head.cpp's int8 weight-only head matmul (fp32 rows in, bf16 logits out), or None."""
+    return op("lm_head_int8")
+
+
+def nf4_gemv_kernel():
+    """csrc/nf4_gemv.cpp's 4-bit matmul on a few rows over the standard layout (CPU), or None."""
+    return op("nf4_gemv")
 
 
 def bind_threads_kernel():

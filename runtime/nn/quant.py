@@ -21,6 +21,10 @@ from torch import nn
 
 from runtime.config import QuantConfig
 
+#: the most rows the cpu-gemv kernel takes (csrc/nf4_gemv.cpp kGemvRowsMax): decode steps; more
+#: rows amortize bitsandbytes' dequantization over the batch and take its standard path
+GEMV_MAX_ROWS = 8
+
 
 class DenseLinear(nn.Module):
     """An unquantized frozen projection (`--quantize none`): `y = x @ W.T + b`."""
@@ -63,6 +67,8 @@ class QuantLinear(nn.Module):
       made once by `use_kernel("cpu-fused")`. The standard `quant_state` is kept beside it (a
       few bytes per 64 weights), so `dequantized_weight` still reads the standard statistics:
       DoRA norms and gradients never see the packed bytes (PEFT's DoRA does, and breaks).
+    The cpu-gemv kernel (CPUs without AVX512-BF16) reads the standard layout, with each block's
+    absmax dequantized to fp32 once (4 bytes per 64 weights) beside it.
     """
 
     def __init__(self, packed: torch.Tensor, quant_state, bias: torch.Tensor | None):
@@ -72,6 +78,7 @@ class QuantLinear(nn.Module):
         self.quant_state = quant_state  # always the standard layout's statistics
         self.kernel = "standard"
         self._fused_state = None  # the packed layout's QuantState (bf16 absmax), when fused
+        self._gemv = None  # cpu-gemv: (absmax fp32 [blocks], code values [16]) (`_gemv_state`)
         # The statistics as buffers too, so `state_dict` holds everything needed to rebuild.
         for key, value in quant_state.as_dict(packed=True).items():
             if isinstance(value, torch.Tensor):
@@ -101,35 +108,67 @@ class QuantLinear(nn.Module):
         return self.quant_state.shape[0]
 
     def use_kernel(self, kernel: str) -> str:
-        """Switch to `kernel` ("standard" or "cpu-fused"); returns the kernel this layer runs
-        (shapes the fused kernel refuses stay standard)."""
-        from runtime.nn.kernels import fused_shape_ok
+        """Switch to `kernel` ("standard", "cpu-fused" or "cpu-gemv"); returns the kernel this
+        layer runs (shapes a kernel refuses stay standard)."""
+        from runtime.nn.kernels import fused_shape_ok, gemv_shape_ok
 
         if kernel == self.kernel:
             return kernel
+        if kernel not in ("standard", "cpu-fused", "cpu-gemv"):
+            raise ValueError(f"unknown 4-bit kernel {kernel!r}")
+        bs = self.quant_state.blocksize
+        if kernel == "cpu-fused" and not fused_shape_ok(self.out_features, self.in_features, bs) or \
+                kernel == "cpu-gemv" and not gemv_shape_ok(self.in_features, bs):
+            kernel = "standard"
+        self.weight, self._fused_state, self._gemv = self.standard_codes(), None, None
         if kernel == "cpu-fused":
-            if not fused_shape_ok(self.out_features, self.in_features, self.quant_state.blocksize):
-                return self.kernel
             from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
             state = copy.deepcopy(self.quant_state)  # the conversion rewrites the state in place
             self.weight, self._fused_state = _convert_weight_packed_for_cpu(self.weight, state)
-        elif kernel == "standard":
-            self.weight, self._fused_state = self.standard_codes(), None
-        else:
-            raise ValueError(f"unknown 4-bit kernel {kernel!r}")
+        elif kernel == "cpu-gemv":
+            self._gemv = self._gemv_state()
         self.kernel = kernel
         return kernel
+
+    def _gemv_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gemv's statistics: each block's absmax in fp32 (the nested statistics dequantized
+        once, as bitsandbytes' dequantization does at every call) and the code's 16 values."""
+        import bitsandbytes.functional as bnbf
+
+        st = self.quant_state
+        absmax = bnbf.dequantize_blockwise(st.absmax, st.state2) + st.offset if st.nested else st.absmax
+        return absmax.float().contiguous(), st.code.float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "cpu-fused":
             if torch.is_grad_enabled() and x.requires_grad:
                 return _FusedMatmul.apply(x, self)
             return self.fused_forward(x)
+        if self.kernel == "cpu-gemv" and self.gemv_takes(x):
+            return self.gemv_forward(x)
         import bitsandbytes as bnb
 
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return bnb.matmul_4bit(x, self.weight, quant_state=self.quant_state, bias=bias)
+
+    def gemv_takes(self, x: torch.Tensor) -> bool:
+        """The gemv runs fp32 inputs of at most GEMV_MAX_ROWS rows that need no gradient (decode
+        steps); prefill chunks and training take bitsandbytes' standard path."""
+        return (x.dtype == torch.float32 and x.numel() <= GEMV_MAX_ROWS * self.in_features
+                and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def gemv_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """csrc/nf4_gemv.cpp on the standard codes: the dequantized matmul up to fp32 summation
+        order (reference_forward is its meaning)."""
+        from runtime.nn.native import nf4_gemv_kernel
+
+        absmax, lut = self._gemv
+        rows = x.reshape(-1, self.in_features)
+        y = nf4_gemv_kernel()(rows if rows.stride(-1) == 1 else rows.contiguous(), self.weight.view(-1),
+                              absmax, lut, self.out_features, self.quant_state.blocksize)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The fused kernel (no autograd): bf16 inside, `x`'s dtype out, as transformers does."""
@@ -143,6 +182,8 @@ class QuantLinear(nn.Module):
         n = sum(t.numel() * t.element_size() for t in self.buffers())
         if self._fused_state is not None:
             n += self._fused_state.absmax.numel() * self._fused_state.absmax.element_size()
+        if self._gemv is not None:
+            n += sum(t.numel() * t.element_size() for t in self._gemv)
         return n
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

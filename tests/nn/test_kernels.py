@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from runtime.config import QuantConfig
-from runtime.nn.kernels import cpu_has_fused_nf4, fused_shape_ok, resolve_kernel
+from runtime.nn.kernels import cpu_has_fused_nf4, fused_shape_ok, gemv_available, resolve_kernel
 from runtime.nn.quant import QuantLinear, unpack_fused_codes
 
 fused_only = pytest.mark.skipif(not cpu_has_fused_nf4(),
@@ -34,8 +34,8 @@ def bf16_reference(lin: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the choice ------------------------------------------------------------------------------
-def test_auto_takes_the_fused_kernel_exactly_where_the_cpu_has_it():
-    expected = "cpu-fused" if cpu_has_fused_nf4() else "standard"
+def test_auto_takes_the_fused_kernel_exactly_where_the_cpu_has_it_else_the_gemv():
+    expected = "cpu-fused" if cpu_has_fused_nf4() else "cpu-gemv" if gemv_available() else "standard"
     assert resolve_kernel("auto", CPU, exact_fp32=False) == expected
     assert resolve_kernel("auto", CPU, exact_fp32=True) == "standard"  # --dtype float32: no bf16
     assert resolve_kernel("auto", torch.device("cuda"), exact_fp32=False) == "standard"

@@ -19,12 +19,18 @@ def test_exact_mode_is_the_plain_matmul():
     assert torch.equal(h(x), h.reference(x))
 
 
+#: the CPU's own choice, and the choice of a CPU without native bf16 (AVX2: Quiver's int8
+#: kernel up to INT8_MAX_ROWS rows, exact above), which any CPU with the extension runs
+NATIVE_BF16 = [None, False]
+
+
+@pytest.mark.parametrize("native_bf16", NATIVE_BF16)
 @pytest.mark.parametrize("rows", [1, 2, INT8_MAX_ROWS, INT8_MAX_ROWS + 1, 33])
-def test_approximate_head_keeps_the_top_candidates_exact(rows):
+def test_approximate_head_keeps_the_top_candidates_exact(rows, native_bf16):
     """int8 (few rows) or bf16 (more): the argmax and the best logits are the fp32 ones; the
     rest of the vocabulary is close."""
     h = head(seed=rows)
-    h.use(approximate=True)
+    h.use(approximate=True, native_bf16=native_bf16)
     x = torch.randn(rows, 96)
     got, ref = h(x), h.reference(x)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
@@ -34,14 +40,15 @@ def test_approximate_head_keeps_the_top_candidates_exact(rows):
     assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
-def test_near_ties_follow_the_exact_logits():
+@pytest.mark.parametrize("native_bf16", NATIVE_BF16)
+def test_near_ties_follow_the_exact_logits(native_bf16):
     """Two tokens 1e-4 apart: an approximate matmul alone may swap them; the head never does."""
     h = head(vocab=512, hidden=64)
     x = torch.randn(1, 64)
     unit = x[0] / x[0].norm() ** 2  # w @ x == 1 for w == unit
     h.weight[3] = 3.0 * unit  # the clear favourites: logit 3.0 ...
     h.weight[7] = 3.0001 * unit  # ... and 3.0001, inside bf16's and int8's rounding
-    h.use(approximate=True)
+    h.use(approximate=True, native_bf16=native_bf16)
     assert int(h(x).argmax()) == int(h.reference(x).argmax()) == 7
     assert EXACT_TOP >= 2
 
@@ -89,14 +96,21 @@ def test_fused_refine_makes_the_top_candidates_exact(rows, vocab, k):
 
 
 def test_fused_refine_is_what_the_head_runs_on_cpu():
-    """The approximate head on CPU (bf16 rows) takes the fused pass."""
+    """The approximate head on CPU takes the fused pass: over bf16 rows (a CPU with native bf16)
+    and over the int8 kernel's rows (one without)."""
+    from runtime.nn.native import lm_head_int8_kernel
+
     _fused_refine()
     h = head(vocab=2048)
-    h.use(approximate=True)
+    h.use(approximate=True, native_bf16=True)
     assert h._fused_refine is not None
     x = torch.randn(INT8_MAX_ROWS + 3, 96)
     approx = torch.nn.functional.linear(x.bfloat16(), h.bf16)
     assert_refined(h(x), approx, x, h.weight, EXACT_TOP)
+    h.use(approximate=True, native_bf16=False)
+    assert h._fused_refine is not None
+    x = torch.randn(INT8_MAX_ROWS, 96)
+    assert_refined(h(x), lm_head_int8_kernel()(x, h.int8, h.int8_scale), x, h.weight, EXACT_TOP)
 
 
 def test_fused_refine_refuses_bad_shapes():
@@ -106,3 +120,27 @@ def test_fused_refine_refuses_bad_shapes():
         kernel(torch.randn(2, 100), torch.randn(2, 16), w, 4)
     with pytest.raises(RuntimeError, match="W must be"):
         kernel(torch.randn(2, 100).bfloat16(), torch.randn(2, 16), torch.randn(99, 16), 4)
+
+
+def test_without_native_bf16_the_head_is_int8_on_few_rows_and_exact_above():
+    """Quiver's int8 kernel (csrc/lm_head.cpp): the int8 weight's fp32 products, scaled and
+    rounded to bf16 as torch's int8pack kernel rounds them; no bf16 copy is made."""
+    from runtime.nn.native import lm_head_int8_kernel
+
+    kernel = lm_head_int8_kernel()
+    if kernel is None:
+        pytest.skip("no C++ extension here")
+    h = head(vocab=1000, hidden=100)  # a hidden size not a multiple of the kernel's 8 lanes
+    assert h.use(approximate=True, native_bf16=False) == f"int8 up to {INT8_MAX_ROWS} rows, else float32; " \
+                                                         f"top {EXACT_TOP} exact"
+    assert h.bf16 is None and h.copy_bytes() == 1000 * 100 + 2 * 1000
+    for rows in range(1, INT8_MAX_ROWS + 1):
+        x = torch.randn(rows, 100)
+        want = (x @ h.int8.float().T) * h.int8_scale.float()
+        got = kernel(x, h.int8, h.int8_scale)
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - want).abs().max() <= 2 ** -7 * want.abs().max()  # bf16's rounding
+    x = torch.randn(INT8_MAX_ROWS + 1, 100)
+    assert torch.equal(h(x), h.reference(x))  # more rows: the exact matmul
+    with pytest.raises(RuntimeError, match="at most"):
+        kernel(x, h.int8, h.int8_scale)

@@ -76,10 +76,14 @@ void lora_runs_into(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, con
                     const at::Tensor& bias, const at::Tensor& meta, const int64_t* runs, int64_t num_runs);
 void lora_runs_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
                 const at::Tensor& bias, const at::Tensor& meta, const at::Tensor& runs);
+// csrc/nf4_gemv.cpp
+at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+                    const at::Tensor& lut, int64_t n, int64_t blocksize);
 // csrc/threads.cpp
 std::vector<int64_t> bind_threads(const std::vector<int64_t>& cpus);
 // csrc/lm_head.cpp
 at::Tensor lm_head_refine(const at::Tensor& approx, const at::Tensor& x, const at::Tensor& W, int64_t k);
+at::Tensor lm_head_int8(const at::Tensor& x, const at::Tensor& W8, const at::Tensor& scale);
 // up to this many rows a run's LoRA takes csrc/lora_rows.cpp's pass (lora.py: LORA_ROWS_MAX)
 constexpr int64_t kLoraRowsMax = 8;
 }  // namespace quiver
@@ -691,5 +695,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_rows_", &quiver::lora_rows_, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lora_runs_", &quiver::lora_runs_, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lm_head_refine", &quiver::lm_head_refine, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("lm_head_int8", &quiver::lm_head_int8, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("nf4_gemv", &quiver::nf4_gemv, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("bind_threads", &quiver::bind_threads, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
