@@ -89,7 +89,8 @@ class LmHead(nn.Module):
     def _approximate(self, x: torch.Tensor) -> torch.Tensor | None:
         """The approximate logits `use` chose for x's row count, or None where it is exact."""
         if self.int8 is not None and x.shape[0] <= INT8_MAX_ROWS:
-            if self._int8_kernel is not None and x.dtype == torch.float32:
+            if self._int8_kernel is not None and x.dtype == torch.float32 and not (
+                    x.requires_grad and torch.is_grad_enabled()):  # (no backward: exact then)
                 return self._int8_kernel(x, self.int8, self.int8_scale)
             if self.bf16 is not None:
                 return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.int8, self.int8_scale)
