@@ -3,6 +3,9 @@ create a job, follow its events to `succeeded`, chat with `fine_tuned_model` (ov
 while a base-model stream keeps flowing, and the adapter equals what `quiver train` makes."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,12 +17,39 @@ from trainer import TrainConfig, train
 
 @pytest.fixture
 def server(chat_model_dir, tmp_path):
-    # training's share of a busy engine above the default 0.3: the test's one 240-token stream
-    # (the tiny model's context) must see the job's tokenizing, setup and a first step done
-    # beside it, and at 0.3 on a 2-core AVX2 machine it sometimes did not
-    srv = start(chat_model_dir, tmp_path / "data", tmp_path / "adapters", train_share=0.6)
+    srv = start(chat_model_dir, tmp_path / "data", tmp_path / "adapters")
     yield srv
     srv.shutdown(grace_s=5)
+
+
+def _busy_until_a_step(client, job_id: str, timeout_s: float = 120.0):
+    """Two clients streaming 240-token base requests back to back, overlapping, so the engine is
+    never without a request, until the job reports trained tokens (a step done beside them):
+    (the job then, each stream's completion token count)."""
+    stop, counts = threading.Event(), []
+
+    def pump():
+        while not stop.is_set():
+            chunks = list(client.chat.completions.create(
+                model=BASE_ID, messages=[{"role": "user", "content": "w5 w6"}], max_tokens=240, stream=True,
+                temperature=0, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+            counts.append(chunks[-1].usage.completion_tokens)
+
+    threads = [threading.Thread(target=pump) for _ in range(2)]
+    for i, t in enumerate(threads):
+        t.start()
+        time.sleep(0.2 * (i + 1))  # offset: one is always mid-stream while the other starts
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            job = client.fine_tuning.jobs.retrieve(job_id)
+            if job.trained_tokens or time.monotonic() > deadline:
+                return job, counts
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 @pytest.mark.slow
@@ -39,9 +69,10 @@ def test_upload_train_and_serve_the_result_while_a_base_stream_flows(server, tmp
             method={"type": "supervised", "supervised": FAST}, extra_body={"quiver": {"rank": 8, "save_every": 20}})
         assert job.status == "queued" and job.fine_tuned_model is None
         pieces += list(stream)
-        during = client.fine_tuning.jobs.retrieve(job.id)
         assert pieces[-1].usage.completion_tokens == 240  # the base stream lost nothing meanwhile
-        assert during.trained_tokens, "no training step ran while the stream was in flight"
+        during, counts = _busy_until_a_step(client, job.id)
+        assert during.trained_tokens, "no training step ran while base streams were in flight"
+        assert counts and set(counts) == {240}, counts  # and none of them lost a token
 
         done = wait_for(client, job.id)
         assert done.status == "succeeded", done.error
